@@ -1,0 +1,208 @@
+"""The `embedd` command: parse argv, resolve settings, run one subcommand, return its code.
+
+Exit codes: 0 ok, 2 bad usage, 78 bad config or missing API key (systemd's
+`RestartPreventExitStatus=78` then stops a restart loop), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from embedd import __version__
+from embedd.config import Settings, find_config_path, load_settings
+from embedd.errors import ConfigError, EmbeddError
+
+EX_OK, EX_FAIL, EX_USAGE, EX_CONFIG = 0, 1, 2, 78
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        metavar="PATH",
+        help="config file (default: $EMBEDD_CONFIG, then ./config.toml, then built-in defaults)",
+    )
+    p = argparse.ArgumentParser(
+        prog="embedd",
+        description="Embed document files dropped into a spool folder, through the OpenAI "
+        "Batch API at half the price, with a cost ledger.",
+        epilog="Start with `embedd demo`. Each command has its own --help.",
+    )
+    p.add_argument("--version", action="version", version=f"embedd {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", parents=[common], help="run the daemon in the foreground")
+    run.add_argument(
+        "--emulate",
+        action="store_true",
+        help="start the built-in OpenAI emulator on loopback and use it (results say emulated)",
+    )
+    sub.add_parser(
+        "demo",
+        parents=[common],
+        help="offline demo: temporary spool, emulator, sample documents, results, cost report",
+    )
+    submit = sub.add_parser(
+        "submit", parents=[common], help="copy files into the inbox safely (tmp/ then rename)"
+    )
+    submit.add_argument("files", nargs="+", metavar="FILE")
+    submit.add_argument("--sync", action="store_true", help="use the synchronous lane (inbox/sync/)")
+    status = sub.add_parser("status", parents=[common], help="queue, batches, breaker, spend")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--watch", action="store_true", help="redraw every second with progress bars")
+    sub.add_parser(
+        "report",
+        parents=[common],
+        help="cost report from the ledger: [--by day|week|month] [--since DATE] [--until DATE] "
+        "[--format table|csv|json]",
+    )
+    emu = sub.add_parser("emulator", parents=[common], help="run the OpenAI emulator alone")
+    emu.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    emu.add_argument("--port", type=int, default=8089, help="port (default 8089; 0 picks one)")
+    emu.add_argument("--api-key", help="accept only this key (default: any key starting sk-)")
+    emu.add_argument("--data-dir", type=Path, help="keep files and batches here (default: temp)")
+    emu.add_argument(
+        "--phase-time", type=float, default=0.5, help="seconds a batch spends in each state"
+    )
+    emu.add_argument("--faults", type=Path, help="JSON fault script (see embedd.emulator.faults)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["report"]:
+        return _report(argv[1:])
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "emulator":
+            return _emulator(args)
+        if args.command == "demo":
+            return _demo(args)
+        settings = _settings(args)
+        if args.command == "run":
+            return _run(settings)
+        if args.command == "submit":
+            return _submit(settings, [Path(f) for f in args.files], args.sync)
+        if args.command == "status":
+            from embedd.status import status_main
+
+            db = settings.spool_state_dir / "embedd.sqlite3"
+            return status_main(db, as_json=args.json, watch=args.watch)
+    except ConfigError as exc:
+        print(f"embedd: configuration error: {exc.message}", file=sys.stderr)
+        return EX_CONFIG
+    except EmbeddError as exc:
+        print(f"embedd: {exc.message}", file=sys.stderr)
+        return EX_FAIL
+    except KeyboardInterrupt:
+        return EX_FAIL
+    return EX_USAGE
+
+
+def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
+    path = find_config_path(getattr(args, "config", None))
+    settings = load_settings(path, overrides=overrides)
+    if getattr(args, "emulate", False):
+        settings = dataclasses.replace(settings, emulate=True)
+    return settings
+
+
+def _api_key(settings: Settings) -> str:
+    from embedd.secrets import load_api_key
+
+    if settings.emulate:
+        try:
+            return load_api_key(settings.openai_api_key_env)
+        except ConfigError:
+            return "sk-emulated-" + secrets.token_hex(16)  # the emulator takes any sk- key
+    return load_api_key(settings.openai_api_key_env)
+
+
+def _run(settings: Settings) -> int:
+    from embedd.daemon import run_daemon
+    from embedd.logs import configure_logging
+
+    configure_logging(settings.daemon_log_level)
+    key = _api_key(settings)
+    configure_logging(settings.daemon_log_level, secrets=[key])
+    return asyncio.run(run_daemon(settings, key))
+
+
+def _submit(settings: Settings, files: list[Path], sync: bool) -> int:
+    from embedd.spool import SpoolPaths, fsync_dir
+
+    paths = SpoolPaths.from_root(settings.spool_root, settings.spool_state_dir)
+    paths.ensure()
+    target_dir = paths.inbox_sync if sync else paths.inbox
+    code = EX_OK
+    for src in files:
+        if not src.is_file():
+            print(f"embedd submit: {src} is not a readable file; skipped", file=sys.stderr)
+            code = EX_FAIL
+            continue
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{src.name}.", suffix=".tmp", dir=paths.tmp)
+        tmp = Path(tmp_name)
+        with os.fdopen(fd, "wb") as out, src.open("rb") as inp:
+            shutil.copyfileobj(inp, out, 1 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+        tmp.chmod(0o640)
+        dest = target_dir / src.name
+        if dest.exists():
+            tmp.unlink()
+            print(f"embedd submit: {dest} is already waiting; skipped", file=sys.stderr)
+            code = EX_FAIL
+            continue
+        os.rename(tmp, dest)
+        fsync_dir(target_dir)
+        print(dest)
+    return code
+
+
+def _report(argv: list[str]) -> int:
+    """`embedd report …`: the report module parses its own flags (and ignores --config)."""
+    from embedd.report import report_main
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if "-h" in argv or "--help" in argv:
+        return report_main(argv, Path("ledger.jsonl"))
+    try:
+        settings = load_settings(find_config_path(known.config))
+    except ConfigError as exc:
+        print(f"embedd: configuration error: {exc.message}", file=sys.stderr)
+        return EX_CONFIG
+    return report_main(argv, settings.spool_root / "ledger.jsonl")
+
+
+def _emulator(args: argparse.Namespace) -> int:
+    import json
+
+    from embedd.emulator import EmulatorConfig, main_emulator
+
+    faults = json.loads(args.faults.read_text()) if args.faults else None
+    config = EmulatorConfig(
+        api_key=args.api_key,
+        data_dir=args.data_dir,
+        validating_s=args.phase_time,
+        in_progress_s=args.phase_time,
+        finalizing_s=args.phase_time,
+        faults=faults,
+    )
+    return main_emulator(args.host, args.port, config)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from embedd.demo import run_demo
+
+    return run_demo(Path(tempfile.mkdtemp(prefix="embedd-demo-")))

@@ -1,0 +1,272 @@
+"""The daemon: wire the stages to their edges and run them until told to stop.
+
+Start-up, in order, before `READY=1`:
+    1. spool folders exist, are safe and on one file system; the state database opens;
+    2. claims, deliveries and ledger lines a crash interrupted are finished;
+    3. shards are reconciled with OpenAI (no batch is ever created twice);
+    4. the inbox is scanned once.
+Then the stages run side by side in one TaskGroup: intake (file events + periodic
+scan), submitter, poller/collector, sync lane, delivery, status and watchdog. Any
+stage that raises takes the daemon down (systemd restarts it); nothing is lost,
+because every stage is safe to interrupt at any await.
+
+SIGTERM/SIGINT: stop taking work, cancel the stages (each checkpoint is already in
+the database), exit 0 within `[daemon] stop_timeout`. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+
+import watchfiles
+
+from embedd.accounting import flush_ledger
+from embedd.api import OpenAIClient, make_session
+from embedd.breaker import Breaker
+from embedd.collector import poll_loop
+from embedd.config import Settings
+from embedd.delivery import deliver_loop, deliver_ready
+from embedd.errors import SubmissionPaused, TransientError
+from embedd.intake import resume_claims, scan_and_claim
+from embedd.ledger import Ledger
+from embedd.limiter import Limiter
+from embedd.logs import get_logger
+from embedd.retry import RetryPolicy
+from embedd.runtime import Runtime
+from embedd.safety import check_spool_safety
+from embedd.spool import SpoolPaths, check_same_filesystem
+from embedd.store import Store
+from embedd.submitter import reconcile, submit_loop
+from embedd.synclane import sync_loop
+from embedd.systemd import Notifier, watchdog_loop
+from embedd.tokens import Tokenizer
+
+log = get_logger("embedd.daemon")
+
+
+def spool_paths(settings: Settings) -> SpoolPaths:
+    return SpoolPaths.from_root(settings.spool_root, settings.spool_state_dir)
+
+
+async def run_daemon(
+    settings: Settings,
+    api_key: str,
+    *,
+    notifier: Notifier | None = None,
+    until_idle: bool = False,
+    on_ready: Callable[[Runtime], Awaitable[None]] | None = None,
+) -> int:
+    """Run until SIGTERM/SIGINT (or, with `until_idle`, until no work is left)."""
+    notifier = notifier or Notifier.from_env()
+    paths = spool_paths(settings)
+    paths.ensure()
+    check_spool_safety(paths.folders())
+    check_same_filesystem(paths)
+    emulator = None
+    base_url = settings.openai_base_url
+    if settings.emulate:
+        from embedd.emulator import EmulatorConfig, start_emulator
+
+        phase = settings.emulator_phase_time
+        emulator = await start_emulator(
+            EmulatorConfig(
+                data_dir=paths.state_dir / "emulator",
+                validating_s=phase,
+                in_progress_s=phase,
+                finalizing_s=phase,
+            )
+        )
+        base_url = emulator.url
+        log.info("emulator.started", url=base_url)
+    store = await Store.open(paths.state_dir / "embedd.sqlite3")
+    session = make_session(settings.openai_ca_file, settings.openai_timeout)
+    try:
+        client = OpenAIClient(
+            session,
+            base_url,
+            api_key,
+            limiter=Limiter(settings.limits_rpm, settings.limits_tpm),
+            policy=RetryPolicy(settings.retry_base, settings.retry_cap, settings.retry_max_retries),
+            breaker=Breaker(settings.breaker_failures, settings.breaker_cooldown),
+            organization=settings.openai_organization,
+            project=settings.openai_project,
+            logger=get_logger("embedd.api"),
+        )
+        tokenizer = await asyncio.to_thread(Tokenizer)
+        ledger = await asyncio.to_thread(Ledger, paths.ledger)
+        rt = Runtime(
+            settings=settings,
+            paths=paths,
+            store=store,
+            client=client,
+            tokenizer=tokenizer,
+            ledger=ledger,
+            log=log,
+            emulated=settings.emulate,
+        )
+        facts = await store.facts()
+        if isinstance(facts.get("queue_limit"), int):
+            rt.queue_limit = min(rt.queue_limit, facts["queue_limit"])
+        return await _serve(rt, notifier, until_idle, on_ready)
+    finally:
+        await session.close()
+        await store.close()
+        if emulator is not None:
+            await emulator.stop()
+
+
+async def _serve(
+    rt: Runtime,
+    notifier: Notifier,
+    until_idle: bool,
+    on_ready: Callable[[Runtime], Awaitable[None]] | None,
+) -> int:
+    loop = asyncio.get_running_loop()
+    signals = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            log.warning("daemon.second_signal_exit", signal=signal.Signals(signum).name)
+            os._exit(0)  # everything is checkpointed; leave now as asked
+        log.info("daemon.stopping", signal=signal.Signals(signum).name)
+        notifier.stopping()
+        rt.stopping.set()
+        # Every step is checkpointed, so a stop that overruns its budget can end hard.
+        loop.call_later(rt.settings.daemon_stop_timeout, _overran)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        await _recover(rt)
+        await scan_and_claim(rt)
+        await rt.store.set_fact("daemon", {"pid": os.getpid(), "started": time.time()})
+        notifier.ready(status=await status_line(rt))
+        log.info("daemon.ready", spool=str(rt.paths.root), emulated=rt.emulated)
+        if on_ready is not None:
+            await on_ready(rt)
+        await _run_stages(rt, notifier, until_idle)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    log.info("daemon.stopped")
+    return 0
+
+
+def _overran() -> None:
+    log.warning("daemon.stop_timeout_exit")
+    os._exit(0)
+
+
+async def _recover(rt: Runtime) -> None:
+    """Finish what a crash interrupted, then reconcile with OpenAI, before READY."""
+    await resume_claims(rt)
+    await flush_ledger(rt)
+    await deliver_ready(rt)
+    while not rt.stopping.is_set():
+        try:
+            await reconcile(rt)
+            return
+        except SubmissionPaused as exc:
+            # Without a working key nothing can be reconciled; submission waits too.
+            from embedd.submitter import pause
+
+            await pause(rt, exc.message)
+            return
+        except TransientError as exc:
+            log.warning("reconcile.retry", error=exc.message)
+            await rt.wake.wait("never", rt.client.policy.delay(1, exc.retry_after))
+
+
+async def _run_stages(rt: Runtime, notifier: Notifier, until_idle: bool) -> None:
+    async def stop_guard() -> None:
+        await rt.stopping.wait()
+        raise _Stop
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(stop_guard())
+            tg.create_task(_watch_inbox(rt))
+            tg.create_task(_periodic_scan(rt))
+            tg.create_task(submit_loop(rt))
+            tg.create_task(poll_loop(rt))
+            tg.create_task(sync_loop(rt))
+            tg.create_task(deliver_loop(rt))
+            tg.create_task(_status_loop(rt, notifier))
+            tg.create_task(watchdog_loop(notifier, rt.store.probe, notifier.watchdog_interval()))
+            if until_idle:
+                tg.create_task(_stop_when_idle(rt))
+    except* _Stop:
+        pass
+
+
+class _Stop(Exception):
+    """Raised inside the TaskGroup to cancel every stage at once."""
+
+
+async def _watch_inbox(rt: Runtime) -> None:
+    """File events wake the intake; the periodic scan catches anything missed."""
+    try:
+        async for _changes in watchfiles.awatch(
+            rt.paths.inbox,
+            stop_event=rt.stopping,
+            debounce=50,
+            step=20,
+            recursive=True,
+            ignore_permission_denied=True,
+        ):
+            rt.wake.kick("scan")
+    except (OSError, RuntimeError) as exc:  # inotify limits: the scan still works
+        log.warning("watch.unavailable", error=str(exc))
+
+
+async def _periodic_scan(rt: Runtime) -> None:
+    while not rt.stopping.is_set():
+        await rt.wake.wait("scan", rt.settings.spool_scan_interval)
+        if not rt.stopping.is_set():
+            await scan_and_claim(rt)
+
+
+async def _status_loop(rt: Runtime, notifier: Notifier) -> None:
+    while not rt.stopping.is_set():
+        snapshot = rt.client.status_snapshot()
+        await rt.store.set_fact("client", snapshot)
+        notifier.status(await status_line(rt))
+        await rt.wake.wait("status", 5.0)
+
+
+async def status_line(rt: Runtime) -> str:
+    counts = await rt.store.counts()
+    files = counts["files"]
+    shards = counts["shards"]
+    waiting = files.get("queued", 0) + files.get("writing", 0) + files.get("claiming", 0)
+    flying = shards.get("submitted", 0) + shards.get("collecting", 0)
+    text = (
+        f"{waiting} file(s) in progress, {flying} batch(es) in flight, "
+        f"{files.get('done', 0)} done, {files.get('failed', 0)} failed"
+    )
+    if rt.paused_reason:
+        text += f"; PAUSED: {rt.paused_reason}"
+    return text
+
+
+async def _stop_when_idle(rt: Runtime) -> None:
+    """For `embedd demo`: stop once the inbox is empty and nothing is in progress."""
+    while not rt.stopping.is_set():
+        await rt.wake.wait("idle", 0.5)
+        counts = await rt.store.counts()
+        busy = sum(counts["files"].get(s, 0) for s in ("claiming", "queued", "writing"))
+        entries = await asyncio.to_thread(_inbox_has_work, rt.paths)
+        if not busy and not entries:
+            rt.stopping.set()
+
+
+def _inbox_has_work(paths: SpoolPaths) -> bool:
+    from embedd.spool import scan
+
+    return bool(scan(paths))

@@ -1,0 +1,127 @@
+"""Delivery: a file whose every piece is embedded becomes `.npy` + manifest.
+
+The file moves `queued → writing` first (intent). The outbox writer is idempotent
+per job — it finds a result this job already wrote — so a crash anywhere in here
+is finished by running it again, and never yields a second copy. Then the input
+moves to `done/` (or is deleted) and the file becomes `done`. A file with a record
+that failed for good goes to `failed/` whole, with each record's error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from embedd.accounting import record_dedup
+from embedd.cost import cost, format_usd
+from embedd.errors import InputRejected
+from embedd.intake import refuse
+from embedd.outbox import finish_input, write_result
+from embedd.runtime import Runtime
+from embedd.tokens import combine_chunks
+
+
+def rfc3339(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+async def deliver_loop(rt: Runtime) -> None:
+    while not rt.stopping.is_set():
+        await deliver_ready(rt)
+        await rt.wake.wait("deliver", 2.0)
+
+
+async def deliver_ready(rt: Runtime) -> int:
+    """Deliver every file that is complete; return how many."""
+    delivered = 0
+    for row in await rt.store.ready_files():
+        if rt.stopping.is_set():
+            break
+        await deliver(rt, row)
+        delivered += 1
+    return delivered
+
+
+async def deliver(rt: Runtime, row: Any) -> None:
+    job, name = row["job"], row["name"]
+    work = rt.paths.work / job
+    if row["state"] == "queued":
+        await rt.store.move_file(job, "writing")
+    records = await rt.store.file_records(job)
+    pieces = await rt.store.file_pieces(job)
+    errors = [
+        {"id": records[p["idx"]]["rid"], "error": p["error"] or "the API refused this input"}
+        for p in pieces
+        if p["vector"] is None
+    ]
+    if errors:
+        reason = (
+            f"{name}: {len(errors)} of {len(records)} record(s) could not be embedded; "
+            f"first: {errors[0]['id']!r}: {errors[0]['error']}"
+        )
+        await refuse(rt, job, name, work, InputRejected(reason, records=errors), row["sha256"])
+        return
+    matrix, chunks, origins = await asyncio.to_thread(_assemble, rt, len(records), pieces)
+    s = rt.settings
+    standard, batch = rt.prices[s.openai_model].standard, rt.prices[s.openai_model].batch
+    price = standard if row["lane"] == "sync" else batch
+    billed = sum(r["tokens"] for r in records if not r["cached"])
+    manifest: dict[str, Any] = {
+        "source": name,
+        "sha256": row["sha256"],
+        "job": job,
+        "model": s.openai_model,
+        "dimensions": s.openai_dimensions,
+        "mode": row["lane"],
+        "emulated": rt.emulated,
+        "records": [_record_entry(r, chunks[i]) for i, r in enumerate(records)],
+        "tokens": sum(r["tokens"] for r in records),
+        "cost_usd": float(format_usd(cost(billed, price))),
+        "batches": sorted(origins),
+        "submitted_at": rfc3339(row["claimed_at"]),
+        "completed_at": rfc3339(rt.clock()),
+    }
+    path = await asyncio.to_thread(write_result, rt.paths, name, job, matrix, manifest)
+    await asyncio.to_thread(finish_input, rt.paths, work, name, job, s.spool_keep_inputs)
+    dedup = sum(r["tokens"] for r in records if r["cached"])
+    if dedup:
+        await record_dedup(rt, job, row["lane"], dedup)
+    await rt.store.move_file(job, "done", completed_at=rt.clock(), result=str(path))
+    rt.log.info("file.done", file=name, job=job, result=path.name, records=len(records))
+
+
+def _record_entry(r: Any, chunks: int) -> dict[str, Any]:
+    entry: dict[str, Any] = {"id": r["rid"], "tokens": r["tokens"], "chunks": chunks}
+    if r["cached"]:
+        entry["cached"] = True
+    if r["meta"] is not None:
+        entry["meta"] = json.loads(r["meta"])
+    return entry
+
+
+def _assemble(
+    rt: Runtime, n: int, pieces: list[Any]
+) -> tuple[npt.NDArray[np.float32], list[int], set[str]]:
+    """Rows in record order; a record of several chunks becomes their weighted mean."""
+    dims = rt.settings.openai_dimensions
+    matrix = np.empty((n, dims), dtype=np.float32)
+    chunks = [0] * n
+    origins: set[str] = set()
+    by_record: dict[int, list[Any]] = {}
+    for p in pieces:
+        by_record.setdefault(p["idx"], []).append(p)
+        if p["origin"]:
+            origins.add(p["origin"])
+    for idx, parts in by_record.items():
+        chunks[idx] = len(parts)
+        vectors = np.stack([np.frombuffer(p["vector"], dtype="<f4") for p in parts])
+        if len(parts) == 1:
+            matrix[idx] = vectors[0]
+        else:
+            matrix[idx] = combine_chunks(vectors, [p["tokens"] for p in parts])
+    return matrix, chunks, origins

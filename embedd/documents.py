@@ -1,0 +1,235 @@
+"""Parse one input file into records (SPEC section 2). Pure: bytes in, records out.
+
+Formats, chosen by the file name's extension, compared case-insensitively
+(`a.JSONL` is JSON Lines like `a.jsonl`; producers on case-insensitive systems
+should not be surprised):
+
+- `*.jsonl`: one JSON object a line, `{"id": ..., "text": ...}`. Blank lines
+  (only spaces, tabs, CR) are skipped but still counted. A missing `id` becomes
+  the 1-based physical line number as a string.
+- `*.json`: a JSON array of the same objects; a missing `id` becomes the 1-based
+  position in the array as a string.
+- anything else: the whole file is one record whose id is the file name.
+
+Decisions the SPEC leaves open:
+
+- An `id` may be a string or a JSON integer (not a boolean); integers are
+  converted with `str()`, so `7` and `"7"` are the same id and collide as
+  duplicates. Empty ids, floats, `null`, arrays and objects are refused.
+- Keys other than `id` and `text` become `meta` (a dict), or `None` when there
+  are none.
+- JSON is read strictly: `NaN`/`Infinity` and repeated keys inside one object are
+  refused, so a manifest can always copy `meta` as standard JSON.
+- A NUL character is refused whether it is a raw byte or a `\\u0000` escape in
+  a JSON string.
+
+Every problem raises `InputRejected` whose message is one sentence naming the
+file and the line (or item, or byte offset). Problems that belong to one record
+are all collected (up to `MAX_REPORTED`) into `InputRejected.records` as
+`{"id": id-or-None, "line": n, "error": "..."}` (`"item"` instead of `"line"`
+for `.json`), and the message names the first one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from embedd.errors import InputRejected
+
+BOM = b"\xef\xbb\xbf"
+MAX_REPORTED = 1000  # per-record problems listed in error.json; the rest are counted
+
+
+@dataclass(frozen=True)
+class Record:
+    """One text to embed: its id, the exact text, extra keys, and its line (JSONL only)."""
+
+    id: str
+    text: str
+    meta: dict[str, Any] | None
+    line: int | None
+
+
+class _Problem(Exception):
+    """A problem with one record; collected, then reported together."""
+
+
+def _reject_constant(value: str) -> Any:
+    raise ValueError(f"{value} is not valid JSON")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"key {key!r} appears twice in one object")
+        result[key] = value
+    return result
+
+
+def _loads(text: str) -> Any:
+    """Strict json.loads: no NaN/Infinity, no repeated keys."""
+    return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+
+
+def _decode(name: str, data: bytes) -> str:
+    """UTF-8 text of the file without a leading BOM; refuses NUL and invalid UTF-8."""
+    skip = len(BOM) if data.startswith(BOM) else 0
+    nul = data.find(b"\x00", skip)
+    if nul >= 0:
+        raise InputRejected(f"{name} contains a NUL byte at byte offset {nul}.")
+    try:
+        return data[skip:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # offsets are reported in the original file, BOM included
+        raise InputRejected(
+            f"{name} is not valid UTF-8: byte offset {exc.start + skip} ({exc.reason})."
+        ) from None
+
+
+def _check_text(text: str) -> None:
+    if "\x00" in text:
+        raise _Problem("text contains a NUL character")
+    if not text.strip():
+        raise _Problem("text is empty or whitespace only")
+
+
+def _record_from_object(obj: Any, default_id: str) -> tuple[str, str, dict[str, Any] | None]:
+    """Validate one decoded JSON value; returns (id, text, meta) or raises _Problem."""
+    if not isinstance(obj, dict):
+        raise _Problem(f"expected a JSON object, found {_json_type(obj)}")
+    raw_id = obj.get("id", default_id)
+    if isinstance(raw_id, bool) or not isinstance(raw_id, str | int):
+        raise _Problem(f"id must be a string or an integer, found {_json_type(raw_id)}")
+    rec_id = str(raw_id)
+    if rec_id == "":
+        raise _Problem("id is empty")
+    if "text" not in obj:
+        raise _Problem('the object has no "text" key')
+    text = obj["text"]
+    if not isinstance(text, str):
+        raise _Problem(f"text must be a string, found {_json_type(text)}")
+    _check_text(text)
+    meta = {k: v for k, v in obj.items() if k not in ("id", "text")} or None
+    return rec_id, text, meta
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+class _Collector:
+    """Gathers records and per-record problems, detecting duplicate ids."""
+
+    def __init__(self, name: str, unit: str) -> None:
+        self.name = name
+        self.unit = unit  # "line" or "item"
+        self.records: list[Record] = []
+        self.problems: list[dict[str, Any]] = []
+        self.problem_count = 0
+        self.seen: dict[str, int] = {}
+
+    def problem(self, where: int, rec_id: str | None, error: str) -> None:
+        self.problem_count += 1
+        if len(self.problems) < MAX_REPORTED:
+            self.problems.append({"id": rec_id, self.unit: where, "error": error})
+
+    def add(self, where: int, obj: Any, line: int | None) -> None:
+        try:
+            rec_id, text, meta = _record_from_object(obj, str(where))
+        except _Problem as exc:
+            rec_id_guess = obj.get("id") if isinstance(obj, dict) else None
+            shown = rec_id_guess if isinstance(rec_id_guess, str) else None
+            self.problem(where, shown, str(exc))
+            return
+        first = self.seen.get(rec_id)
+        if first is not None:
+            self.problem(
+                where, rec_id, f"duplicate id {rec_id!r} ({self.unit}s {first} and {where})"
+            )
+            return
+        self.seen[rec_id] = where
+        self.records.append(Record(rec_id, text, meta, line))
+
+    def result(self) -> list[Record]:
+        if self.problems:
+            first = self.problems[0]
+            more = self.problem_count - 1
+            tail = f" (and {more} more problem{'s' if more != 1 else ''})" if more else ""
+            raise InputRejected(
+                f"{self.name} {self.unit} {first[self.unit]}: {first['error']}{tail}.",
+                records=self.problems,
+            )
+        if not self.records:
+            raise InputRejected(f"{self.name} has no records.")
+        return self.records
+
+
+def _parse_jsonl(name: str, text: str) -> list[Record]:
+    # split on "\n" only: str.splitlines() would also break on U+2028 and friends,
+    # which are legal inside JSON strings
+    out = _Collector(name, "line")
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip(" \t\r"):
+            continue
+        try:
+            obj = _loads(line)
+        except json.JSONDecodeError as exc:
+            out.problem(number, None, f"malformed JSON: {exc.msg} at column {exc.colno}")
+            continue
+        except (ValueError, RecursionError) as exc:
+            out.problem(number, None, f"malformed JSON: {exc}")
+            continue
+        out.add(number, obj, number)
+    return out.result()
+
+
+def _parse_json(name: str, text: str) -> list[Record]:
+    try:
+        doc = _loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputRejected(
+            f"{name} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}."
+        ) from None
+    except (ValueError, RecursionError) as exc:
+        raise InputRejected(f"{name} is not valid JSON: {exc}.") from None
+    if not isinstance(doc, list):
+        raise InputRejected(f"{name} must hold a JSON array of objects, found {_json_type(doc)}.")
+    out = _Collector(name, "item")
+    for index, obj in enumerate(doc, start=1):
+        out.add(index, obj, None)
+    return out.result()
+
+
+def _parse_text(name: str, text: str) -> list[Record]:
+    try:
+        _check_text(text)
+    except _Problem as exc:
+        raise InputRejected(f"{name}: {exc}.", records=[{"id": name, "error": str(exc)}]) from None
+    return [Record(name, text, None, None)]
+
+
+def parse_document(name: str, data: bytes) -> list[Record]:
+    """Parse the bytes of input file `name` into records, or raise `InputRejected`.
+
+    `name` only chooses the format and appears in messages; it is not opened.
+    """
+    text = _decode(name, data)
+    lowered = name.lower()
+    if lowered.endswith(".jsonl"):
+        return _parse_jsonl(name, text)
+    if lowered.endswith(".json"):
+        return _parse_json(name, text)
+    return _parse_text(name, text)

@@ -1,0 +1,181 @@
+"""Deliver the outcome of one input file: results to outbox/, failures to failed/, inputs to done/.
+
+SPEC sections 1 and 3. Each function is idempotent per job, which is how a crash
+between doing the work and recording it in the state database never yields a
+second copy: calling again with the same `job` finds what the first call left
+and completes it instead of starting over.
+
+Order on disk, and what a crash at each point leaves:
+
+- results: `NAME.json` (manifest, carrying `"job"`) is written, then `NAME.npy`.
+  A manifest of this job without its `.npy` is finished on the next call; the
+  `.npy` appearing means "complete" to readers.
+- failures: `NAME.error.json` first, then the input is moved next to it under
+  the same base name. A retry finds the error file by its `"job"` and moves the
+  input if it is still at its source.
+
+Both look for their earlier work under the names `candidate_names` yields
+(`NAME`, `NAME~JOB`, ...), reading small JSON files with the same care as inputs
+(no links followed, no FIFO opened), since failed/ holds arbitrary user files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import numpy.typing as npt
+from numpy.lib import format as npy_format
+
+from embedd.errors import InputRejected
+from embedd.spool import (
+    SpoolPaths,
+    Writer,
+    atomic_write,
+    candidate_names,
+    fsync_dir,
+    move_exact,
+    read_input,
+    rename_noreplace,
+)
+
+MAX_SIDECAR_BYTES = 64 << 20  # a manifest or error file larger than this is not ours
+
+
+def _job_of(path: Path) -> str | None:
+    """The `"job"` of a JSON sidecar we may have written, or None if it is not one."""
+    try:
+        doc = json.loads(read_input(path, MAX_SIDECAR_BYTES))
+    except (FileNotFoundError, InputRejected, ValueError, UnicodeDecodeError):
+        return None
+    job = doc.get("job") if isinstance(doc, dict) else None
+    return job if isinstance(job, str) else None
+
+
+def _json_bytes(doc: dict[str, Any]) -> bytes:
+    # ASCII escapes keep names that are not valid UTF-8 (surrogate escapes) writable
+    return (json.dumps(doc, indent=2, allow_nan=False) + "\n").encode("ascii")
+
+
+def _with_job(doc: dict[str, Any], job: str, what: str) -> dict[str, Any]:
+    if doc.get("job", job) != job:
+        raise ValueError(f"{what} says job {doc['job']!r}, not {job!r}")
+    return {**doc, "job": job}
+
+
+def _npy_writer(array: npt.NDArray[np.float32]) -> Writer:
+    def write(f: BinaryIO) -> None:
+        npy_format.write_array(f, array, allow_pickle=False)
+
+    return write
+
+
+def find_result(paths: SpoolPaths, name: str, job: str) -> str | None:
+    """Base name (`NAME` or `NAME~JOB`...) whose manifest in outbox/ belongs to `job`."""
+    for base in candidate_names(name, job):
+        if _job_of(paths.outbox / f"{base}.json") == job:
+            return base
+    return None
+
+
+def write_result(
+    paths: SpoolPaths,
+    name: str,
+    job: str,
+    vectors: npt.NDArray[np.floating],
+    manifest: dict[str, Any],
+) -> Path:
+    """Write `outbox/NAME.json` then `outbox/NAME.npy` atomically; return the `.npy` path.
+
+    `vectors` become float32, C order, shape (records, dimensions); they must be
+    2-D and finite. `manifest["job"]` is set to `job` (a different job is an
+    error). If `NAME.npy` or `NAME.json` already belongs to something else, the
+    pair is `NAME~JOB.npy` / `NAME~JOB.json`. If this job's result is already
+    there, nothing is written and its path is returned.
+    """
+    array = np.ascontiguousarray(vectors, dtype=np.float32)
+    if array.ndim != 2:
+        raise ValueError(f"vectors must be 2-D (records x dimensions), got shape {array.shape}")
+    if not np.all(np.isfinite(array)):
+        raise ValueError("vectors must be finite")
+    doc = _with_job(manifest, job, "manifest")
+    base = find_result(paths, name, job)
+    if base is not None:
+        npy = paths.outbox / f"{base}.npy"
+        if not os.path.lexists(npy):  # crashed after the manifest: finish it
+            atomic_write(paths.outbox, npy.name, _npy_writer(array), replace=False)
+        return npy
+    for base in candidate_names(name, job):
+        manifest_path = paths.outbox / f"{base}.json"
+        npy = paths.outbox / f"{base}.npy"
+        if os.path.lexists(manifest_path) or os.path.lexists(npy):
+            continue
+        try:
+            atomic_write(paths.outbox, manifest_path.name, _json_bytes(doc), replace=False)
+        except FileExistsError:
+            continue  # appeared meanwhile; try the next name
+        atomic_write(paths.outbox, npy.name, _npy_writer(array), replace=False)
+        return npy
+    raise FileExistsError(f"no free name for the result of {name} in {paths.outbox}")
+
+
+def find_failure(paths: SpoolPaths, name: str, job: str) -> str | None:
+    """Base name in failed/ whose `.error.json` belongs to `job`."""
+    for base in candidate_names(name, job):
+        if _job_of(paths.failed / f"{base}.error.json") == job:
+            return base
+    return None
+
+
+def write_failure(
+    paths: SpoolPaths, source: Path, name: str, job: str, error: dict[str, Any]
+) -> Path:
+    """Write `failed/NAME.error.json`, then move `source` to `failed/NAME`; return the latter.
+
+    `error` is `{"source", "sha256", "job", "reason", "records"}` as given (its
+    `"job"` is set to `job`). `source` may be a file, symlink, FIFO or folder; it
+    is moved, never opened or followed. If either name is taken by something
+    else, `NAME~JOB` is used for both. Idempotent per job; a `source` that is
+    already gone is fine (the error file alone is written).
+    """
+    doc = _with_job(error, job, "error")
+    base = find_failure(paths, name, job)
+    if base is None:
+        for candidate in candidate_names(name, job):
+            target = paths.failed / candidate
+            err = paths.failed / f"{candidate}.error.json"
+            if os.path.lexists(target) or os.path.lexists(err):
+                continue
+            try:
+                atomic_write(paths.failed, err.name, _json_bytes(doc), replace=False)
+            except FileExistsError:
+                continue
+            base = candidate
+            break
+        else:
+            raise FileExistsError(f"no free name for the failure of {name} in {paths.failed}")
+    target = paths.failed / base
+    if os.path.lexists(source):
+        if not move_exact(source, target):
+            raise FileExistsError(f"{target} is taken by another file; {source} stays")
+        fsync_dir(paths.failed)
+        fsync_dir(source.parent)
+    return target
+
+
+def finish_input(paths: SpoolPaths, source: Path, name: str, job: str, keep: bool) -> Path | None:
+    """After a result is delivered: move `source` to `done/` (never overwriting) or delete it.
+
+    Returns the path in done/, or None when deleted or when `source` was already
+    gone (a repeated call after a crash).
+    """
+    if not os.path.lexists(source):
+        return None
+    if keep:
+        return rename_noreplace(source, paths.done, name, job)
+    source.unlink(missing_ok=True)
+    fsync_dir(source.parent)
+    return None

@@ -1,0 +1,174 @@
+"""`embedd status`: what the daemon is doing, read straight from the state database.
+
+It opens the database read-only (WAL lets it read while the daemon writes), so it
+works whether the daemon runs or not. `gather` returns plain data; `render` turns
+it into text; `--watch` redraws it with a progress bar per batch and per file.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import sys
+import time
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, TextIO
+
+from embedd.cost import parse_line
+
+BAR = 24
+
+
+def _connect(db: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5.0)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def gather(db: Path, *, now: float | None = None, budget: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything `embedd status` shows, as JSON-ready data."""
+    now = time.time() if now is None else now
+    if not db.exists():
+        return {"database": str(db), "running": False, "error": "no state database yet"}
+    with _connect(db) as conn:
+        counts: dict[str, dict[str, int]] = {}
+        for table in ("files", "requests", "shards"):
+            rows = conn.execute(f"SELECT state, COUNT(*) FROM {table} GROUP BY state")  # noqa: S608
+            counts[table] = {str(r[0]): int(r[1]) for r in rows}
+        facts = {str(r[0]): json.loads(r[1]) for r in conn.execute("SELECT key, value FROM daemon")}
+        batches = [
+            {
+                "shard": r["id"],
+                "batch_id": r["batch_id"],
+                "state": r["state"],
+                "status": r["status"],
+                "lines": r["lines"],
+                "tokens": r["tokens"],
+                "request_counts": json.loads(r["request_counts"]) if r["request_counts"] else None,
+                "age_s": round(now - float(r["submitted_at"] or r["created_at"]), 1),
+            }
+            for r in conn.execute(
+                "SELECT * FROM shards WHERE state IN ('planned','uploaded','submitted','collecting') "
+                "ORDER BY created_at"
+            )
+        ]
+        files = [
+            {
+                "job": r["job"],
+                "name": r["name"],
+                "lane": r["lane"],
+                "state": r["state"],
+                "pieces": int(r["pieces"]),
+                "embedded": int(r["embedded"]),
+            }
+            for r in conn.execute(
+                "SELECT f.job, f.name, f.lane, f.state, COUNT(p.key) AS pieces, "
+                "COUNT(v.key) AS embedded FROM files f "
+                "LEFT JOIN pieces p ON p.job = f.job LEFT JOIN vectors v ON v.key = p.key "
+                "WHERE f.state IN ('claiming','queued','writing') GROUP BY f.job "
+                "ORDER BY f.claimed_at LIMIT 50"
+            )
+        ]
+        today = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d")
+        spent = Decimal(0)
+        for (line,) in conn.execute(
+            "SELECT line FROM ledger WHERE ts >= ? AND kind != 'alert'", (today,)
+        ):
+            spent += parse_line(line).cost_usd  # type: ignore[union-attr]
+    daemon = facts.get("daemon") or {}
+    client = facts.get("client") or {}
+    return {
+        "database": str(db),
+        "daemon_pid": daemon.get("pid"),
+        "counts": counts,
+        "batches": batches,
+        "files": files,
+        "breaker": client.get("breaker"),
+        "paused": (facts.get("paused") or {}).get("reason"),
+        "queue_limit": facts.get("queue_limit"),
+        "spend_today_usd": str(spent),
+        "budget": budget,
+    }
+
+
+def _bar(done: int, total: int) -> str:
+    if total <= 0:
+        return "[" + " " * BAR + "]"
+    filled = round(BAR * min(done, total) / total)
+    return "[" + "#" * filled + "." * (BAR - filled) + f"] {done}/{total}"
+
+
+def render(data: dict[str, Any], *, bars: bool = False) -> str:
+    """The status as a person reads it."""
+    if data.get("error"):
+        return f"embedd status: {data['error']} ({data['database']})"
+    c = data["counts"]
+    out = [
+        "files:    " + _fmt(c["files"], ("claiming", "queued", "writing", "done", "failed")),
+        "requests: " + _fmt(c["requests"], ("pending", "planned", "done", "failed")),
+        "batches:  " + _fmt(c["shards"], ("planned", "uploaded", "submitted", "collecting", "collected")),
+    ]
+    breaker = data.get("breaker")
+    if isinstance(breaker, dict):
+        out.append(f"breaker:  {breaker.get('state', '?')}")
+    if data.get("paused"):
+        out.append(f"PAUSED:   {data['paused']}")
+    out.append(f"spent today: ${data['spend_today_usd']}")
+    if data.get("budget"):
+        out.append(f"budget:   {data['budget']}")
+    if data["batches"]:
+        out.append("")
+        out.append("batches in flight:")
+        for b in data["batches"]:
+            rc = b["request_counts"] or {}
+            done = int(rc.get("completed", 0)) + int(rc.get("failed", 0))
+            total = int(rc.get("total", 0)) or b["lines"]
+            progress = _bar(done, total) if bars else f"{done}/{total}"
+            out.append(
+                f"  {b['batch_id'] or b['shard']}  {b['status'] or b['state']:<11} "
+                f"{progress}  age {_age(b['age_s'])}"
+            )
+    if data["files"]:
+        out.append("")
+        out.append("files in progress:")
+        for f in data["files"]:
+            progress = (
+                _bar(f["embedded"], f["pieces"]) if bars else f"{f['embedded']}/{f['pieces']}"
+            )
+            out.append(f"  {f['name']:<32} {f['lane']:<5} {f['state']:<8} {progress}")
+    return "\n".join(out)
+
+
+def _fmt(counts: dict[str, int], order: tuple[str, ...]) -> str:
+    return "  ".join(f"{s} {counts.get(s, 0)}" for s in order)
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def status_main(
+    db: Path, *, as_json: bool, watch: bool, interval: float = 1.0, out: TextIO | None = None
+) -> int:
+    stream = out or sys.stdout
+    while True:
+        data = gather(db)
+        if as_json:
+            stream.write(json.dumps(data, indent=2) + "\n")
+        else:
+            if watch:
+                stream.write("\x1b[2J\x1b[H")  # clear the screen, cursor home
+            stream.write(render(data, bars=watch) + "\n")
+        stream.flush()
+        if not watch:
+            return 0 if not data.get("error") else 1
+        try:
+            time.sleep(interval)
+        except KeyboardInterrupt:
+            return 0

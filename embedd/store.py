@@ -1,0 +1,641 @@
+"""The queue: every SQL statement embedd runs against its state database.
+
+SQLite through aiosqlite, WAL, `synchronous=FULL`. One connection, one writer task
+at a time (an asyncio lock), explicit `BEGIN IMMEDIATE` / `COMMIT`: a transaction is
+all-or-nothing across a crash, and a cancelled caller never leaves one open — the
+commit and the rollback are shielded from cancellation.
+
+Schema history lives in `MIGRATIONS`; `PRAGMA user_version` says how far a database
+has come. A fresh database runs every migration in order, so an old database that is
+migrated ends up exactly like a new one (a test checks this).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from embedd.errors import FatalError
+from embedd.states import (
+    FILE_TRANSITIONS,
+    REQUEST_TRANSITIONS,
+    SHARD_TRANSITIONS,
+    check_sql,
+    sources,
+)
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the first schema.
+    f"""
+    CREATE TABLE files (
+        job TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        lane TEXT NOT NULL CHECK (lane IN ('batch', 'sync')),
+        state TEXT NOT NULL {check_sql("state", FILE_TRANSITIONS)},
+        sha256 TEXT,
+        size INTEGER,
+        records INTEGER,
+        tokens INTEGER,
+        claimed_at REAL NOT NULL,
+        queued_at REAL,
+        completed_at REAL,
+        reason TEXT,
+        result TEXT
+    );
+    CREATE INDEX files_state ON files(state);
+    CREATE TABLE records (
+        job TEXT NOT NULL REFERENCES files(job),
+        idx INTEGER NOT NULL,
+        rid TEXT NOT NULL,
+        meta TEXT,
+        tokens INTEGER NOT NULL,
+        chunks INTEGER NOT NULL,
+        cached INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (job, idx)
+    );
+    CREATE TABLE pieces (
+        job TEXT NOT NULL,
+        idx INTEGER NOT NULL,
+        chunk INTEGER NOT NULL,
+        key TEXT NOT NULL,
+        tokens INTEGER NOT NULL,
+        PRIMARY KEY (job, idx, chunk)
+    );
+    CREATE INDEX pieces_key ON pieces(key);
+    CREATE TABLE requests (
+        key TEXT PRIMARY KEY,
+        input TEXT NOT NULL,
+        tokens INTEGER NOT NULL,
+        qtokens INTEGER NOT NULL,
+        nbytes INTEGER NOT NULL,
+        lane TEXT NOT NULL CHECK (lane IN ('batch', 'sync')),
+        state TEXT NOT NULL {check_sql("state", REQUEST_TRANSITIONS)},
+        shard TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        error TEXT,
+        queued_at REAL NOT NULL
+    );
+    CREATE INDEX requests_pending ON requests(state, lane, queued_at);
+    CREATE INDEX requests_shard ON requests(shard);
+    CREATE TABLE vectors (
+        key TEXT PRIMARY KEY,
+        vector BLOB NOT NULL,
+        tokens INTEGER,
+        origin TEXT,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE shards (
+        id TEXT PRIMARY KEY,
+        state TEXT NOT NULL {check_sql("state", SHARD_TRANSITIONS)},
+        path TEXT NOT NULL,
+        lines INTEGER NOT NULL,
+        bytes INTEGER NOT NULL,
+        tokens INTEGER NOT NULL,
+        qtokens INTEGER NOT NULL,
+        file_id TEXT,
+        batch_id TEXT UNIQUE,
+        status TEXT,
+        request_counts TEXT,
+        created_at REAL NOT NULL,
+        submitted_at REAL,
+        expires_at REAL,
+        polled_at REAL,
+        ended_at REAL,
+        final TEXT,
+        error TEXT
+    );
+    CREATE INDEX shards_state ON shards(state);
+    CREATE TABLE ledger (
+        id TEXT PRIMARY KEY,
+        ts TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        line TEXT NOT NULL,
+        written INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE daemon (
+        key TEXT PRIMARY KEY,
+        value TEXT
+    );
+    """,
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def new_id(prefix: str) -> str:
+    """A time-ordered random id: `job_0193f1c2a8b4_5f2e91d0`."""
+    return f"{prefix}_{int(time.time() * 1000):012x}_{secrets.token_hex(4)}"
+
+
+@dataclass(frozen=True)
+class NewRecord:
+    """A record of a claimed file, with the inputs its vector is made of."""
+
+    rid: str
+    meta: Mapping[str, Any] | None
+    tokens: int
+    pieces: Sequence[tuple[str, int]]  # (request key, tokens) for each chunk
+    cached: bool
+
+
+@dataclass(frozen=True)
+class NewRequest:
+    """A unique input to embed."""
+
+    key: str
+    input: str | list[int]
+    tokens: int
+    qtokens: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A request waiting to be planned into a shard or a sync call."""
+
+    key: str
+    input: str | list[int]
+    tokens: int
+    qtokens: int
+    nbytes: int
+    queued_at: float
+    attempts: int
+
+
+def _connect_sync(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    return conn
+
+
+class Store:
+    """The state database. Create with `await Store.open(path)`."""
+
+    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+        self._db = db
+        self.path = path
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: Path) -> Store:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = await aiosqlite.connect(path, isolation_level=None)
+        db.row_factory = aiosqlite.Row
+        store = cls(db, path)
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=FULL")
+        await db.execute("PRAGMA foreign_keys=ON")
+        await db.execute("PRAGMA busy_timeout=10000")
+        await store._migrate()
+        return store
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def _migrate(self) -> None:
+        async with self._db.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            raise FatalError(
+                f"state database {self.path} has schema {version}, newer than this embedd "
+                f"({SCHEMA_VERSION}); upgrade embedd or restore a backup"
+            )
+        for number in range(version, SCHEMA_VERSION):
+            async with self.transaction() as db:
+                await db.executescript_in_tx(MIGRATIONS[number])
+                await db.execute(f"PRAGMA user_version = {number + 1}")
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[_Tx]:
+        """`BEGIN IMMEDIATE` … `COMMIT`, rolled back on any error or cancellation."""
+        async with self._lock:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield _Tx(self._db)
+            except BaseException:
+                await asyncio.shield(self._db.execute("ROLLBACK"))
+                raise
+            await asyncio.shield(self._db.execute("COMMIT"))
+
+    async def _all(self, sql: str, params: Sequence[Any] = ()) -> list[aiosqlite.Row]:
+        async with self._lock, self._db.execute(sql, params) as cur:
+            return list(await cur.fetchall())
+
+    async def _one(self, sql: str, params: Sequence[Any] = ()) -> aiosqlite.Row | None:
+        async with self._lock, self._db.execute(sql, params) as cur:
+            return await cur.fetchone()
+
+    async def probe(self) -> bool:
+        """A cheap query that proves the database answers (the watchdog's health check)."""
+        row = await self._one("SELECT 1")
+        return row is not None
+
+    # ---- files -------------------------------------------------------------------
+
+    async def begin_claim(self, job: str, name: str, lane: str, now: float) -> None:
+        """Record the intent to claim `name` before the file is moved."""
+        async with self.transaction() as tx:
+            await tx.execute(
+                "INSERT INTO files (job, name, lane, state, claimed_at) VALUES (?, ?, ?, 'claiming', ?)",
+                (job, name, lane, now),
+            )
+
+    async def files_in(self, *states: str) -> list[aiosqlite.Row]:
+        marks = ",".join("?" * len(states))
+        return await self._all(
+            f"SELECT * FROM files WHERE state IN ({marks}) ORDER BY claimed_at", states
+        )
+
+    async def file(self, job: str) -> aiosqlite.Row | None:
+        return await self._one("SELECT * FROM files WHERE job = ?", (job,))
+
+    async def forget_claim(self, job: str) -> None:
+        """The file vanished before it was claimed: nothing to keep."""
+        async with self.transaction() as tx:
+            await tx.execute("DELETE FROM files WHERE job = ? AND state = 'claiming'", (job,))
+
+    async def queue_file(
+        self,
+        job: str,
+        *,
+        sha256: str,
+        size: int,
+        records: Sequence[NewRecord],
+        requests: Sequence[NewRequest],
+        lane: str,
+        now: float,
+    ) -> None:
+        """Store a parsed file's records and its new requests, and mark it queued."""
+        async with self.transaction() as tx:
+            await tx.executemany(
+                "INSERT INTO records (job, idx, rid, meta, tokens, chunks, cached) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        job,
+                        i,
+                        r.rid,
+                        None if r.meta is None else json.dumps(r.meta, ensure_ascii=False),
+                        r.tokens,
+                        len(r.pieces),
+                        int(r.cached),
+                    )
+                    for i, r in enumerate(records)
+                ],
+            )
+            await tx.executemany(
+                "INSERT INTO pieces (job, idx, chunk, key, tokens) VALUES (?, ?, ?, ?, ?)",
+                [
+                    (job, i, c, key, tokens)
+                    for i, r in enumerate(records)
+                    for c, (key, tokens) in enumerate(r.pieces)
+                ],
+            )
+            # A text already embedded needs no request; one already queued is shared;
+            # one that failed before gets a fresh chance with this new file.
+            await tx.executemany(
+                "INSERT INTO requests (key, input, tokens, qtokens, nbytes, lane, state, queued_at) "
+                "SELECT ?, ?, ?, ?, ?, ?, 'pending', ? "
+                "WHERE NOT EXISTS (SELECT 1 FROM vectors WHERE key = ?) "
+                "ON CONFLICT(key) DO UPDATE SET state = 'pending', attempts = 0, error = NULL, "
+                "shard = NULL, queued_at = excluded.queued_at, lane = excluded.lane "
+                "WHERE requests.state = 'failed'",
+                [
+                    (
+                        q.key,
+                        encode_input(q.input),
+                        q.tokens,
+                        q.qtokens,
+                        q.nbytes,
+                        lane,
+                        now,
+                        q.key,
+                    )
+                    for q in requests
+                ],
+            )
+            if lane == "sync":
+                # A sync file must not wait for a batch: move shared pending work over.
+                await tx.executemany(
+                    "UPDATE requests SET lane = 'sync' WHERE key = ? AND state = 'pending'",
+                    [(q.key,) for q in requests],
+                )
+            await tx.execute(
+                "UPDATE files SET state = 'queued', sha256 = ?, size = ?, records = ?, "
+                "tokens = ?, queued_at = ? WHERE job = ? AND state = 'claiming'",
+                (sha256, size, len(records), sum(r.tokens for r in records), now, job),
+            )
+
+    async def known_keys(self, keys: Iterable[str]) -> set[str]:
+        """Which of `keys` are embedded already or queued (for the manifest's `cached`)."""
+        wanted = list(dict.fromkeys(keys))
+        found: set[str] = set()
+        for start in range(0, len(wanted), 500):
+            part = wanted[start : start + 500]
+            marks = ",".join("?" * len(part))
+            rows = await self._all(
+                f"SELECT key FROM vectors WHERE key IN ({marks}) "
+                f"UNION SELECT key FROM requests WHERE key IN ({marks}) AND state != 'failed'",
+                [*part, *part],
+            )
+            found.update(str(r[0]) for r in rows)
+        return found
+
+    async def move_file(self, job: str, new: str, **fields: object) -> bool:
+        """Move a file to state `new` if the transition is legal from where it is."""
+        olds = sources(FILE_TRANSITIONS, new)
+        sets = "".join(f", {k} = ?" for k in fields)
+        marks = ",".join("?" * len(olds))
+        async with self.transaction() as tx:
+            cur = await tx.execute(
+                f"UPDATE files SET state = ?{sets} WHERE job = ? AND state IN ({marks})",
+                (new, *fields.values(), job, *olds),
+            )
+            return cur.rowcount == 1
+
+    async def ready_files(self) -> list[aiosqlite.Row]:
+        """Queued files whose every piece has a vector or a request that failed for good."""
+        return await self._all(
+            "SELECT f.* FROM files f WHERE f.state IN ('queued', 'writing') AND NOT EXISTS ("
+            " SELECT 1 FROM pieces p LEFT JOIN vectors v ON v.key = p.key"
+            " LEFT JOIN requests r ON r.key = p.key"
+            " WHERE p.job = f.job AND v.key IS NULL AND (r.state IS NULL OR r.state != 'failed')"
+            ") ORDER BY f.claimed_at"
+        )
+
+    async def file_records(self, job: str) -> list[aiosqlite.Row]:
+        return await self._all("SELECT * FROM records WHERE job = ? ORDER BY idx", (job,))
+
+    async def file_pieces(self, job: str) -> list[aiosqlite.Row]:
+        """Each piece with its vector (NULL if none) and its request's error."""
+        return await self._all(
+            "SELECT p.idx, p.chunk, p.key, p.tokens, v.vector, v.origin, r.state AS rstate, r.error "
+            "FROM pieces p LEFT JOIN vectors v ON v.key = p.key "
+            "LEFT JOIN requests r ON r.key = p.key "
+            "WHERE p.job = ? ORDER BY p.idx, p.chunk",
+            (job,),
+        )
+
+    # ---- requests and shards -----------------------------------------------------
+
+    async def pending(self, lane: str, limit: int) -> list[Pending]:
+        rows = await self._all(
+            "SELECT key, input, tokens, qtokens, nbytes, queued_at, attempts FROM requests "
+            "WHERE state = 'pending' AND lane = ? ORDER BY queued_at, key LIMIT ?",
+            (lane, limit),
+        )
+        return [
+            Pending(
+                key=r["key"],
+                input=_decode_input(r["input"]),
+                tokens=r["tokens"],
+                qtokens=r["qtokens"],
+                nbytes=r["nbytes"],
+                queued_at=r["queued_at"],
+                attempts=r["attempts"],
+            )
+            for r in rows
+        ]
+
+    async def oldest_pending(self, lane: str) -> float | None:
+        row = await self._one(
+            "SELECT MIN(queued_at) FROM requests WHERE state = 'pending' AND lane = ?", (lane,)
+        )
+        return None if row is None or row[0] is None else float(row[0])
+
+    async def create_shard(
+        self,
+        shard: str,
+        *,
+        path: Path,
+        keys: Sequence[str],
+        nbytes: int,
+        tokens: int,
+        qtokens: int,
+        now: float,
+    ) -> None:
+        """Record a planned shard and move its requests from pending to planned."""
+        async with self.transaction() as tx:
+            await tx.execute(
+                "INSERT INTO shards (id, state, path, lines, bytes, tokens, qtokens, created_at) "
+                "VALUES (?, 'planned', ?, ?, ?, ?, ?, ?)",
+                (shard, str(path), len(keys), nbytes, tokens, qtokens, now),
+            )
+            await tx.executemany(
+                "UPDATE requests SET state = 'planned', shard = ? WHERE key = ? AND state = 'pending'",
+                [(shard, k) for k in keys],
+            )
+
+    async def shards_in(self, *states: str) -> list[aiosqlite.Row]:
+        marks = ",".join("?" * len(states))
+        return await self._all(
+            f"SELECT * FROM shards WHERE state IN ({marks}) ORDER BY created_at", states
+        )
+
+    async def move_shard(self, shard: str, new: str, **fields: object) -> bool:
+        olds = sources(SHARD_TRANSITIONS, new)
+        sets = "".join(f", {k} = ?" for k in fields)
+        marks = ",".join("?" * len(olds))
+        async with self.transaction() as tx:
+            cur = await tx.execute(
+                f"UPDATE shards SET state = ?{sets} WHERE id = ? AND state IN ({marks})",
+                (new, *fields.values(), shard, *olds),
+            )
+            return cur.rowcount == 1
+
+    async def update_shard(self, shard: str, **fields: object) -> None:
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        async with self.transaction() as tx:
+            await tx.execute(f"UPDATE shards SET {sets} WHERE id = ?", (*fields.values(), shard))
+
+    async def shard_keys(self, shard: str) -> list[str]:
+        return list(await self.shard_tokens(shard))
+
+    async def shard_tokens(self, shard: str) -> dict[str, int]:
+        """The requests still planned in `shard`, with their token estimates."""
+        rows = await self._all(
+            "SELECT key, tokens FROM requests WHERE shard = ? AND state = 'planned'", (shard,)
+        )
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    async def shard_path(self, shard: str) -> str | None:
+        row = await self._one("SELECT path FROM shards WHERE id = ?", (shard,))
+        return None if row is None else str(row[0])
+
+    async def add_vectors(
+        self, vectors: Sequence[tuple[str, bytes, int | None]], *, origin: str, now: float
+    ) -> None:
+        """Store vectors and mark their requests done (idempotent: repeats change nothing)."""
+        if not vectors:
+            return
+        async with self.transaction() as tx:
+            await _insert_vectors(tx, vectors, origin, now)
+
+    async def queue_tokens_in_flight(self) -> int:
+        row = await self._one(
+            "SELECT COALESCE(SUM(qtokens), 0) FROM shards "
+            "WHERE state IN ('uploaded', 'submitted', 'collecting')"
+        )
+        return int(row[0]) if row else 0
+
+    async def apply_results(
+        self,
+        *,
+        shard: str | None,
+        vectors: Sequence[tuple[str, bytes, int | None]],
+        origin: str,
+        retry: Sequence[tuple[str, str]],
+        fail: Sequence[tuple[str, str]],
+        requeue: Sequence[str],
+        max_retries: int,
+        ledger: tuple[str, str, str, str] | None,
+        now: float,
+    ) -> None:
+        """Apply one collected batch (or one sync call) in a single transaction.
+
+        `vectors`: (key, float32 bytes, tokens); `retry`: (key, error) counted against
+        `max_retries`; `fail`: (key, error) for good; `requeue`: keys sent back to
+        pending at no cost to their retry count; `ledger`: (id, ts, kind, json line).
+        """
+        async with self.transaction() as tx:
+            await _insert_vectors(tx, vectors, origin, now)
+            await tx.executemany(
+                "UPDATE requests SET attempts = attempts + 1, error = ?, shard = NULL, "
+                "state = CASE WHEN attempts + 1 > ? THEN 'failed' ELSE 'pending' END "
+                "WHERE key = ? AND state IN ('pending', 'planned')",
+                [(err, max_retries, k) for k, err in retry],
+            )
+            await tx.executemany(
+                "UPDATE requests SET state = 'failed', error = ?, shard = NULL WHERE key = ? "
+                "AND state IN ('pending', 'planned')",
+                [(err, k) for k, err in fail],
+            )
+            await tx.executemany(
+                "UPDATE requests SET state = 'pending', shard = NULL WHERE key = ? "
+                "AND state = 'planned'",
+                [(k,) for k in requeue],
+            )
+            if shard is not None:
+                await tx.execute(
+                    "UPDATE shards SET state = 'collected', ended_at = ? WHERE id = ? "
+                    "AND state = 'collecting'",
+                    (now, shard),
+                )
+            if ledger is not None:
+                await tx.execute(
+                    "INSERT OR IGNORE INTO ledger (id, ts, kind, line) VALUES (?, ?, ?, ?)",
+                    ledger,
+                )
+
+    async def release_shard(self, shard: str) -> None:
+        """Send a shard that was never submitted back to pending."""
+        async with self.transaction() as tx:
+            await tx.execute(
+                "UPDATE requests SET state = 'pending', shard = NULL WHERE shard = ? "
+                "AND state = 'planned'",
+                (shard,),
+            )
+            await tx.execute(
+                "UPDATE shards SET state = 'abandoned' WHERE id = ? AND state IN ('planned', 'uploaded')",
+                (shard,),
+            )
+
+    # ---- ledger, daemon facts, status ----------------------------------------------
+
+    async def add_ledger(self, ident: str, ts: str, kind: str, line: str) -> None:
+        async with self.transaction() as tx:
+            await tx.execute(
+                "INSERT OR IGNORE INTO ledger (id, ts, kind, line) VALUES (?, ?, ?, ?)",
+                (ident, ts, kind, line),
+            )
+
+    async def unwritten_ledger(self) -> list[aiosqlite.Row]:
+        return await self._all("SELECT * FROM ledger WHERE written = 0 ORDER BY ts, id")
+
+    async def mark_ledger_written(self, ident: str) -> None:
+        async with self.transaction() as tx:
+            await tx.execute("UPDATE ledger SET written = 1 WHERE id = ?", (ident,))
+
+    async def ledger_lines_since(self, ts: str) -> list[str]:
+        rows = await self._all("SELECT line FROM ledger WHERE ts >= ? AND kind != 'alert'", (ts,))
+        return [str(r[0]) for r in rows]
+
+    async def set_fact(self, key: str, value: object) -> None:
+        async with self.transaction() as tx:
+            await tx.execute(
+                "INSERT INTO daemon (key, value) VALUES (?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (key, json.dumps(value)),
+            )
+
+    async def facts(self) -> dict[str, Any]:
+        rows = await self._all("SELECT key, value FROM daemon")
+        return {str(r[0]): json.loads(r[1]) for r in rows}
+
+    async def counts(self) -> dict[str, dict[str, int]]:
+        """Files, requests and shards by state."""
+        out: dict[str, dict[str, int]] = {}
+        for table in ("files", "requests", "shards"):
+            rows = await self._all(f"SELECT state, COUNT(*) FROM {table} GROUP BY state")
+            out[table] = {str(r[0]): int(r[1]) for r in rows}
+        return out
+
+
+async def _insert_vectors(
+    tx: _Tx, vectors: Sequence[tuple[str, bytes, int | None]], origin: str, now: float
+) -> None:
+    await tx.executemany(
+        "INSERT OR IGNORE INTO vectors (key, vector, tokens, origin, created_at) "
+        "VALUES (?, ?, ?, ?, ?)",
+        [(k, v, t, origin, now) for k, v, t in vectors],
+    )
+    await tx.executemany(
+        "UPDATE requests SET state = 'done', error = NULL WHERE key = ? "
+        "AND state IN ('pending', 'planned')",
+        [(k,) for k, _, _ in vectors],
+    )
+
+
+class _Tx:
+    """The connection as seen inside a transaction."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> aiosqlite.Cursor:
+        return await self._db.execute(sql, params)
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        await self._db.executemany(sql, rows)
+
+    async def executescript_in_tx(self, script: str) -> None:
+        # executescript() would COMMIT first; run the statements one by one instead.
+        for statement in script.split(";"):
+            if statement.strip():
+                await self._db.execute(statement)
+
+
+def _decode_input(raw: str) -> str | list[int]:
+    # Token windows are stored as a JSON array; plain texts as themselves. A text that
+    # happens to look like "[1, 2]" is stored with a marker so the two never mix.
+    if raw.startswith("\x00tokens:"):
+        value = json.loads(raw[len("\x00tokens:") :])
+        return [int(t) for t in value]
+    return raw
+
+
+def encode_input(value: str | list[int]) -> str:
+    """How a request's input is stored: the text, or a marked JSON array of token ids."""
+    if isinstance(value, str):
+        return value
+    return "\x00tokens:" + json.dumps(value)

@@ -1,0 +1,146 @@
+"""The sync lane: files from `inbox/sync/` through `POST /v1/embeddings`, now.
+
+Pending sync requests are packed into calls of at most `[sync] max_inputs` inputs
+and `[sync] max_request_tokens` tokens; calls run concurrently and the limiter in
+the client spaces them to the RPM/TPM budget. Each answered call stores its vectors
+and its ledger row (kind `sync`) in one transaction. A call the API refuses as a
+whole is split in halves until the refused input is alone, and only that one fails.
+
+Known limit (SPEC §6): a call whose answer is lost in a `kill -9` may be billed
+without a ledger line; the batch lane has no such window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+from embedd.accounting import flush_ledger
+from embedd.batchlines import BadVector, decode_embedding
+from embedd.cost import entry_row, make_entry
+from embedd.errors import APIPermanentError, SubmissionPaused, TransientError
+from embedd.planner import pack_sync
+from embedd.runtime import Runtime
+from embedd.store import Pending, new_id
+
+CONCURRENCY = 8
+
+
+async def sync_loop(rt: Runtime) -> None:
+    in_flight: set[str] = set()
+    slots = asyncio.Semaphore(CONCURRENCY)
+    async with asyncio.TaskGroup() as tg:
+        while not rt.stopping.is_set():
+            if rt.paused_reason is None or rt.clock() >= rt.paused_until:
+                pending = [
+                    p
+                    for p in await rt.store.pending("sync", 20 * rt.settings.sync_max_inputs)
+                    if p.key not in in_flight
+                ]
+                by_key = {p.key: p for p in pending}
+                groups = pack_sync(
+                    pending, rt.settings.sync_max_inputs, rt.settings.sync_max_request_tokens
+                )
+                for group in groups:
+                    await slots.acquire()
+                    if rt.stopping.is_set():
+                        slots.release()
+                        break
+                    in_flight.update(group)
+                    tg.create_task(_run(rt, [by_key[k] for k in group], in_flight, slots))
+            await rt.wake.wait("sync", 1.0)
+
+
+async def _run(
+    rt: Runtime, group: list[Pending], in_flight: set[str], slots: asyncio.Semaphore
+) -> None:
+    try:
+        await call(rt, group)
+    except SubmissionPaused as exc:
+        from embedd.submitter import pause
+
+        await pause(rt, exc.message)
+    except TransientError as exc:
+        rt.log.warning("sync.retry_later", inputs=len(group), error=exc.message)
+    finally:
+        in_flight.difference_update(p.key for p in group)
+        slots.release()
+        rt.wake.kick("deliver")
+
+
+async def call(rt: Runtime, group: list[Pending]) -> None:
+    """One `/v1/embeddings` call for `group`, split on a permanent refusal."""
+    s = rt.settings
+    inputs = [p.input for p in group]
+    try:
+        reply = await rt.client.embeddings(
+            inputs,  # type: ignore[arg-type]
+            s.openai_model,
+            s.send_dimensions,
+            tokens=sum(p.tokens for p in group),
+        )
+    except APIPermanentError as exc:
+        if len(group) == 1:
+            await _settle(rt, group[0], f"{exc.status} {exc.code}: {exc.message}")
+            return
+        half = len(group) // 2
+        await call(rt, group[:half])
+        await call(rt, group[half:])
+        return
+    vectors: list[tuple[str, bytes, int | None]] = []
+    retry: list[tuple[str, str]] = []
+    data = sorted(reply.get("data") or [], key=lambda d: int(d.get("index", 0)))
+    if len(data) != len(group):
+        retry = [(p.key, f"reply had {len(data)} vectors for {len(group)} inputs") for p in group]
+        data = []
+    for p, item in zip(group, data, strict=False):
+        try:
+            vec = decode_embedding(item["embedding"], s.openai_dimensions)
+        except (BadVector, KeyError) as exc:
+            retry.append((p.key, f"bad vector in reply: {exc}"))
+            continue
+        vectors.append((p.key, vec.astype("<f4").tobytes(), p.tokens))
+    usage = reply.get("usage") or {}
+    tokens = int(usage.get("prompt_tokens") or usage.get("total_tokens") or 0)
+    call_id = new_id("sync")
+    entry = make_entry(
+        "sync",
+        batch_id=call_id,
+        model=s.openai_model,
+        dimensions=s.openai_dimensions,
+        requests=len(vectors),
+        tokens=tokens,
+        estimated_tokens=sum(p.tokens for p in group),
+        dedup_tokens=0,
+        emulated=rt.emulated,
+        prices=rt.prices,
+        now=datetime.now(UTC),
+    )
+    await rt.store.apply_results(
+        shard=None,
+        vectors=vectors,
+        origin=call_id,
+        retry=retry,
+        fail=[],
+        requeue=[],
+        max_retries=s.retry_max_retries,
+        ledger=entry_row(entry),
+        now=rt.clock(),
+    )
+    rt.log.info("sync.embedded", call=call_id, inputs=len(vectors), tokens=tokens)
+    await flush_ledger(rt)
+
+
+async def _settle(rt: Runtime, req: Pending, error: str) -> None:
+    await rt.store.apply_results(
+        shard=None,
+        vectors=[],
+        origin="",
+        retry=[],
+        fail=[(req.key, error)],
+        requeue=[],
+        max_retries=rt.settings.retry_max_retries,
+        ledger=None,
+        now=rt.clock(),
+    )
+    rt.log.warning("sync.refused", key=req.key[:12], error=error)

