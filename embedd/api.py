@@ -56,6 +56,12 @@ _FILE_NOT_READY = re.compile(
 # not ours; the margin absorbs clock skew between us and the API.
 _CLOCK_SKEW_S = 300.0
 _CHUNK = 1 << 20
+_TRANSPORT_ERRORS = (
+    TimeoutError,
+    aiohttp.ClientConnectionError,
+    aiohttp.ClientPayloadError,
+    aiohttp.ClientResponseError,
+)
 
 
 class CreateOutcomeUnknown(OutcomeUnknown, APITransientError):
@@ -250,12 +256,8 @@ class OpenAIClient:
             ) as resp:  # fmt: skip
                 raw = await resp.read()
                 return _decode(resp.status, dict(resp.headers), raw)
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            return _Outcome(None, exc_kind=ExcKind.TIMEOUT, detail=type(exc).__name__)
-        except aiohttp.ClientPayloadError as exc:
-            return _Outcome(None, exc_kind=ExcKind.TRUNCATED, detail=str(exc))
-        except aiohttp.ClientConnectionError as exc:
-            return _Outcome(None, exc_kind=ExcKind.CONNECTION, detail=str(exc))
+        except _TRANSPORT_ERRORS as exc:
+            return _transport_failure(exc)
         finally:
             if handle is not None:
                 handle.close()
@@ -332,12 +334,8 @@ class OpenAIClient:
                     )  # fmt: skip
                 _publish(part, dest)
                 return _Outcome(200, headers, body=written)
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            return _Outcome(None, exc_kind=ExcKind.TIMEOUT, detail=type(exc).__name__)
-        except aiohttp.ClientPayloadError as exc:
-            return _Outcome(None, exc_kind=ExcKind.TRUNCATED, detail=str(exc))
-        except aiohttp.ClientConnectionError as exc:
-            return _Outcome(None, exc_kind=ExcKind.CONNECTION, detail=str(exc))
+        except _TRANSPORT_ERRORS as exc:
+            return _transport_failure(exc)
 
     # -------------------------------------------------------------------- batches
 
@@ -395,13 +393,16 @@ class OpenAIClient:
                 before_retry=lookup,
                 reclassify=file_not_ready,
             )
-        except APITransientError as exc:
+        except (APITransientError, BreakerOpen) as exc:
+            # Giving up (or the breaker opening) after an ambiguous attempt must not
+            # look like "nothing happened": the caller has to reconcile first.
             if ambiguous and not isinstance(exc, CreateOutcomeUnknown):
                 raise CreateOutcomeUnknown(
                     f"{exc.message}; a batch may exist with metadata {metadata}",
-                    status=exc.status, code=exc.code, retry_after=exc.retry_after,
-                ) from None  # fmt: skip
-            if exc.status in (400, 404):
+                    status=getattr(exc, "status", None),
+                    retry_after=exc.retry_after,
+                ) from None
+            if isinstance(exc, APITransientError) and exc.status in (400, 404):
                 raise APIPermanentError(exc.message, status=exc.status, code=exc.code) from None
             raise
         return result
@@ -409,11 +410,11 @@ class OpenAIClient:
     async def find_batch(self, metadata: Mapping[str, str], since: float) -> dict[str, Any] | None:
         """The newest batch whose ``metadata`` equals ours, created at or after ``since``."""
         async for batch in self.list_batches():
-            if batch.get("metadata") == dict(metadata):
-                return batch
             created = batch.get("created_at")
             if isinstance(created, int | float) and created < since:
                 return None  # the list is newest first: everything further is older
+            if batch.get("metadata") == dict(metadata):
+                return batch
         return None
 
     async def retrieve_batch(self, batch_id: str) -> dict[str, Any]:
@@ -497,6 +498,17 @@ def _decode(status: int, headers: dict[str, str], raw: bytes) -> _Outcome:
     if 200 <= status < 300 and not isinstance(body, dict):
         return _Outcome(status, headers, None, ExcKind.BAD_BODY, "response is not an object")
     return _Outcome(status, headers, body)
+
+
+def _transport_failure(exc: BaseException) -> _Outcome:
+    """A failure below HTTP as an outcome: retried, and ambiguous for creates."""
+    if isinstance(exc, TimeoutError):  # aiohttp's ServerTimeoutError is one too
+        return _Outcome(None, exc_kind=ExcKind.TIMEOUT, detail=type(exc).__name__)
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return _Outcome(None, exc_kind=ExcKind.TRUNCATED, detail=str(exc))
+    # Refused, reset, disconnected, or an answer that is not valid HTTP: either way
+    # we do not know what the server did with the request.
+    return _Outcome(None, exc_kind=ExcKind.CONNECTION, detail=str(exc))
 
 
 def _publish(part: Path, dest: Path) -> None:

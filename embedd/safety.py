@@ -7,9 +7,11 @@ or a folder above one that is not protected by the sticky bit, is world-writable
 
 Who may read the results is decided by group membership: under systemd the unit's
 ``UMask=0007`` strips every permission for "other" from whatever the daemon creates,
-and the daemon writes result files with the explicit modes below (``0640``: the daemon
-writes, the ``embedd`` group reads) inside setgid folders owned by group ``embedd``
-(see ``systemd/embedd.tmpfiles``). Producers join the group; nobody else sees a thing.
+and the daemon gives what it writes explicit modes (`embedd.spool.FILE_MODE`, 0640: the
+daemon writes, the ``embedd`` group reads), inside setgid folders owned by group
+``embedd`` (`embedd.spool.PRODUCER_DIR_MODE` 2770 for tmp/ and inbox/,
+`DAEMON_DIR_MODE` 2750 for the rest; ``systemd/embedd.tmpfiles`` creates the same).
+Producers join the group; nobody else sees a thing.
 
 The same-file-system (EXDEV) check lives with the spool code, not here.
 """
@@ -20,18 +22,8 @@ import os
 import stat
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Final
 
 from embedd.errors import ConfigError
-
-RESULT_FILE_MODE: Final = 0o640
-"""Mode for files the daemon creates (results, manifests, error files, the ledger)."""
-
-SHARED_DIR_MODE: Final = 0o2770
-"""Mode for folders producers write into (tmp/, inbox/, inbox/sync/): setgid, group rwx."""
-
-RESULT_DIR_MODE: Final = 0o2750
-"""Mode for folders producers only read (outbox/, failed/, done/): setgid, group r-x."""
 
 
 def world_writable(mode: int) -> bool:
@@ -129,9 +121,6 @@ def umask_problem(mask: int) -> str | None:
 
 
 __all__ = [
-    "RESULT_DIR_MODE",
-    "RESULT_FILE_MODE",
-    "SHARED_DIR_MODE",
     "ancestor_problem",
     "check_spool_safety",
     "current_umask",

@@ -60,6 +60,7 @@ class FakeOpenAI:
         self.files: dict[str, bytes] = {}
         self.batches: list[dict[str, Any]] = []
         self.clock = 1_700_000_000
+        self.release = asyncio.Event()  # set at teardown: frees handlers told to hang
         self.app = web.Application()
         self.app.router.add_route("*", "/{tail:.*}", self.handle)
 
@@ -84,6 +85,8 @@ class FakeOpenAI:
             _, status, payload, headers = fault
             return web.json_response(payload, status=status, headers=headers)
         result = await self.normal(op, request, body, ids)
+        if fault == "create_then_hang":
+            await self.release.wait()  # the client times out first
         if fault == "create_then_drop":
             request.transport.close()  # type: ignore[union-attr]
             raise asyncio.CancelledError
@@ -197,6 +200,7 @@ async def fake() -> AsyncIterator[tuple[FakeOpenAI, str]]:
     await site.start()
     host, port = runner.addresses[0][:2]
     yield server, f"http://{host}:{port}/v1"
+    server.release.set()
     await runner.cleanup()
 
 
@@ -208,9 +212,15 @@ async def make_client(
     time = FakeTime()
 
     def make(
-        *, retries: int = 5, failures: int = 100, cooldown: float = 30.0, **kw: Any
+        *,
+        retries: int = 5,
+        failures: int = 100,
+        cooldown: float = 30.0,
+        read_timeout: float = 10.0,
+        **kw: Any,
     ) -> OpenAIClient:
-        session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        timeout = aiohttp.ClientTimeout(total=10, sock_read=read_timeout)
+        session = aiohttp.ClientSession(timeout=timeout)
         sessions.append(session)
         client = OpenAIClient(
             session, fake[1], API_KEY,
@@ -375,10 +385,24 @@ async def test_create_batch_after_5xx_without_batch_retries_once(
     """A 5xx that created nothing is followed by a lookup, then exactly one new create."""
     server, _ = fake
     client = make_client()
+    old = [{"id": f"b_old{i}", "created_at": 5, "metadata": {"shard": "s2"}} for i in range(150)]
+    server.batches += old  # same metadata but from long before: not ours, never paged to
     server.script["create"].append(("json", 500, error_body("oops"), {}))
     batch = await client.create_batch("file-1", {"shard": "s2"})
     assert server.count("create") == 2
-    assert server.count("list_batches") == 1
+    assert server.count("list_batches") == 1  # stopped at the first batch older than us
+    assert [b["id"] for b in server.batches[150:]] == [batch["id"]]
+
+
+async def test_create_batch_after_timeout_finds_existing_batch(
+    fake: Fake, make_client: Factory
+) -> None:
+    """A create that times out after the server made the batch is not sent again."""
+    server, _ = fake
+    client = make_client(read_timeout=0.3)
+    server.script["create"].append("create_then_hang")
+    batch = await client.create_batch("file-1", {"shard": "s6"})
+    assert server.count("create") == 1
     assert [b["id"] for b in server.batches] == [batch["id"]]
 
 
@@ -422,6 +446,21 @@ async def test_create_batch_unknown_outcome_when_lookup_keeps_failing(
     assert isinstance(info.value, CreateOutcomeUnknown)
     assert isinstance(info.value, APITransientError)
     assert server.count("create") == 1
+
+
+async def test_create_batch_breaker_opening_after_ambiguity_is_unknown(
+    fake: Fake, make_client: Factory
+) -> None:
+    """If the breaker opens after an ambiguous create, the outcome is reported unknown."""
+    server, _ = fake
+    client = make_client(failures=2)
+    server.script["create"].append(("json", 500, error_body("oops"), {}))
+    server.script["list_batches"].append(("json", 500, error_body("oops"), {}))
+    with pytest.raises(CreateOutcomeUnknown, match="breaker open"):
+        await client.create_batch("file-1", {"shard": "s7"})
+    assert server.count("create") == 1
+    assert server.count("list_batches") == 1
+    assert server.batches == []
 
 
 async def test_upload_sends_multipart_file(

@@ -10,9 +10,6 @@ import pytest
 
 from embedd.errors import ConfigError
 from embedd.safety import (
-    RESULT_DIR_MODE,
-    RESULT_FILE_MODE,
-    SHARED_DIR_MODE,
     ancestor_problem,
     check_spool_safety,
     current_umask,
@@ -20,6 +17,7 @@ from embedd.safety import (
     umask_problem,
     world_writable,
 )
+from embedd.spool import DAEMON_DIR_MODE, FILE_MODE, PRODUCER_DIR_MODE
 
 
 def spool(tmp_path: Path) -> dict[str, Path]:
@@ -37,7 +35,7 @@ def spool(tmp_path: Path) -> dict[str, Path]:
     }
     for name, path in dirs.items():
         path.mkdir(parents=True, exist_ok=True)
-        mode = SHARED_DIR_MODE if name in {"tmp", "inbox", "inbox/sync"} else RESULT_DIR_MODE
+        mode = PRODUCER_DIR_MODE if name in {"tmp", "inbox", "inbox/sync"} else DAEMON_DIR_MODE
         path.chmod(mode)
     return dirs
 
@@ -58,11 +56,12 @@ def test_pure_mode_decisions() -> None:
 
 def test_documented_modes_keep_other_out() -> None:
     """Result files and folders give nothing to "other" and nothing writable beyond the group."""
-    assert RESULT_FILE_MODE & 0o007 == 0
-    assert RESULT_DIR_MODE & 0o007 == 0
-    assert SHARED_DIR_MODE & 0o007 == 0
-    assert SHARED_DIR_MODE & stat.S_ISGID
-    assert RESULT_FILE_MODE & 0o020 == 0
+    assert FILE_MODE & 0o007 == 0
+    assert DAEMON_DIR_MODE & 0o007 == 0
+    assert PRODUCER_DIR_MODE & 0o007 == 0
+    assert PRODUCER_DIR_MODE & stat.S_ISGID
+    assert DAEMON_DIR_MODE & stat.S_ISGID
+    assert FILE_MODE & 0o020 == 0
 
 
 def test_safe_spool_passes(tmp_path: Path) -> None:
@@ -146,10 +145,10 @@ def test_current_umask_reads_and_restores() -> None:
 
 
 def test_umask_0007_with_explicit_mode_gives_group_readable_results(tmp_path: Path) -> None:
-    """UMask=0007 plus RESULT_FILE_MODE yields 0640 files: group reads, other gets nothing."""
+    """UMask=0007 plus spool.FILE_MODE yields 0640 files: group reads, other gets nothing."""
     old = os.umask(0o007)
     try:
-        fd = os.open(tmp_path / "a.txt.npy", os.O_WRONLY | os.O_CREAT | os.O_EXCL, RESULT_FILE_MODE)
+        fd = os.open(tmp_path / "a.txt.npy", os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         os.close(fd)
     finally:
         os.umask(old)

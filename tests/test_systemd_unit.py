@@ -14,6 +14,7 @@ import pytest
 
 from embedd.safety import check_spool_safety
 from embedd.secrets import CREDENTIAL_NAME
+from embedd.spool import DAEMON_DIR_MODE, PRODUCER_DIR_MODE
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEMD = ROOT / "systemd"
@@ -171,14 +172,10 @@ def test_sysusers_and_tmpfiles_build_a_safe_spool(tmp_path: Path) -> None:
         p.relative_to(spool).as_posix(): stat.S_IMODE(p.stat().st_mode)
         for p in [spool, *spool.rglob("*")]
     }
-    assert modes == {
-        ".": 0o2750,
-        "tmp": 0o2770,
-        "inbox": 0o2770,
-        "inbox/sync": 0o2770,
-        "outbox": 0o2750,
-        "failed": 0o2750,
-        "done": 0o2750,
-    }
+    # The same modes the daemon gives folders it creates itself (embedd.spool).
+    producer = {"tmp", "inbox", "inbox/sync"}
+    assert set(modes) == {".", "tmp", "inbox", "inbox/sync", "outbox", "failed", "done", "work"}
+    for name, mode in modes.items():
+        assert mode == (PRODUCER_DIR_MODE if name in producer else DAEMON_DIR_MODE), name
     assert {(p.stat().st_uid, p.stat().st_gid) for p in [spool, *spool.rglob("*")]} == {(uid, gid)}
     check_spool_safety({name: spool / name for name in modes})

@@ -25,9 +25,16 @@ from types import TracebackType
 
 from aiohttp import web
 
+from embedd.emulator import resources
 from embedd.emulator.config import EmulatorConfig
-from embedd.emulator.server import EMULATOR_KEY, Emulator, create_embeddings, get_state
-from embedd.emulator.server import openai_middleware, set_faults
+from embedd.emulator.server import (
+    EMULATOR_KEY,
+    Emulator,
+    create_embeddings,
+    get_state,
+    openai_middleware,
+    set_faults,
+)
 from embedd.emulator.vectors import embed_text
 
 __all__ = [
@@ -44,7 +51,6 @@ def create_app(
     config: EmulatorConfig, *, clock: Callable[[], float] = time.time
 ) -> web.Application:
     """Build the emulator's aiohttp application (``clock`` is injectable for tests)."""
-    from embedd.emulator import resources
 
     emu = Emulator(config, clock)
     # 256 MiB lets a 200 MB batch file (plus multipart framing) reach the size check.

@@ -25,7 +25,7 @@ from embedd.emulator.lifecycle import (
     render_batch,
 )
 from embedd.emulator.output import write_batch_output
-from embedd.emulator.server import Emulator, _drop, emulator_of, json_response, read_json
+from embedd.emulator.server import TRUNCATE, Emulator, _drop, emulator_of, json_response, read_json
 from embedd.emulator.store import new_id, page_after, public_file
 from embedd.emulator.validation import EMBEDDINGS_URL, MAX_BATCH_BYTES, scan_batch_file
 
@@ -178,16 +178,17 @@ async def file_content(request: web.Request) -> web.StreamResponse:
     response.content_length = size
     await response.prepare(request)
     # The truncate fault: the full length is declared, half the bytes are sent.
-    budget = size // 2 if request.get("truncate") else size
-    request["truncate"] = False  # handled here, not again by the middleware
+    budget = size // 2 if request.get(TRUNCATE) else size
+    request[TRUNCATE] = False  # handled here, not again by the middleware
+    sent = 0
     with path.open("rb") as handle:
-        while budget > 0:
-            chunk = handle.read(min(_CHUNK, budget))
+        while sent < budget:
+            chunk = handle.read(min(_CHUNK, budget - sent))
             if not chunk:
                 break
-            budget -= len(chunk)
+            sent += len(chunk)
             await response.write(chunk)
-    if handle.tell() < size:
+    if sent < size:
         return _drop(request)
     await response.write_eof()
     return response
@@ -283,6 +284,10 @@ def _metadata_key(metadata: dict[str, str] | None) -> str:
     return json.dumps(metadata or {}, sort_keys=True)
 
 
+def _has_output(rec: BatchRecord) -> bool:
+    return rec.output is not None
+
+
 async def _ensure_output(emu: Emulator, rec: BatchRecord, now: float) -> None:
     """Write the output and error files of a batch that has reached a terminal state."""
     phase = phase_at(rec, now)
@@ -290,7 +295,7 @@ async def _ensure_output(emu: Emulator, rec: BatchRecord, now: float) -> None:
         return
     lock = emu.locks.setdefault(rec.id, asyncio.Lock())
     async with lock:
-        if rec.output is not None:
+        if _has_output(rec):  # another request wrote it while this one waited
             return
         out_id, err_id = new_id("file-"), new_id("file-")
         summary = await asyncio.to_thread(

@@ -30,7 +30,7 @@ from embedd.emulator.config import EmulatorConfig
 from embedd.emulator.errors import ApiError, error_body, invalid, unauthorized
 from embedd.emulator.faults import FaultPlan, FaultScriptError, RateWindow, format_duration
 from embedd.emulator.output import embedding_response
-from embedd.emulator.store import Store
+from embedd.emulator.store import Store, new_id
 from embedd.emulator.validation import parse_embedding_request
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -88,6 +88,7 @@ class Emulator:
 
 
 EMULATOR_KEY = web.AppKey("emulator", Emulator)
+TRUNCATE = web.RequestKey("emulator_truncate", bool)  # the truncate fault applies
 
 
 def emulator_of(request: web.Request) -> Emulator:
@@ -193,7 +194,7 @@ async def openai_middleware(request: web.Request, handler: Handler) -> web.Strea
             return _drop(request)
         if rule.kind not in ("truncate", "lost_response"):
             return _fault_response(emu, rule.kind, rule.status, rule.retry_after)
-        request["truncate"] = rule.kind == "truncate"
+        request[TRUNCATE] = rule.kind == "truncate"
     try:
         response = await handler(request)
     except ApiError as exc:
@@ -202,8 +203,10 @@ async def openai_middleware(request: web.Request, handler: Handler) -> web.Strea
         response = json_response(error_body(exc.reason or "Invalid request"), status=exc.status)
     if rule is not None and rule.kind == "lost_response":
         return _drop(request)
-    if request.get("truncate") and isinstance(response, web.Response):
+    if request.get(TRUNCATE) and isinstance(response, web.Response):
         return await _truncated(request, response)
+    if not response.prepared:
+        response.headers["x-request-id"] = new_id("req_")
     return response
 
 

@@ -154,7 +154,8 @@ def embed_texts(texts: Sequence[str], dimensions: int) -> FloatArray:
 
 def embed_text(text: str, dimensions: int) -> FloatArray:
     """Embed one text: a float32 unit vector of length ``dimensions``."""
-    return embed_texts([text], dimensions)[0]
+    vector: FloatArray = embed_texts([text], dimensions)[0]
+    return vector
 
 
 def to_base64(vector: FloatArray) -> str:

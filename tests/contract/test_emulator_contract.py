@@ -1,0 +1,95 @@
+"""Every emulator response fits OpenAI's published schemas (SPEC §7 latitude only)."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+import schemas
+from emulator_client import FakeClock, embedding_line, jsonl, running
+
+pytestmark = pytest.mark.skipif(
+    not schemas.available(), reason=f"OpenAI's OpenAPI description not found in {schemas.SHARED}"
+)
+
+
+def test_transform_keeps_the_schema_strict() -> None:
+    """The null latitude does not let a wrong enum or a missing required key through."""
+    with pytest.raises(jsonschema.ValidationError):
+        schemas.validate_response("DeleteFileResponse", {"id": "f", "object": "batch", "deleted": True})
+    with pytest.raises(jsonschema.ValidationError):
+        schemas.validate_response("Batch", {"id": "b", "object": "batch"})
+
+
+async def test_files_and_batches_fit_their_schemas(tmp_path: Path) -> None:
+    """File, list, batch (every status on the walk), cancel and delete responses validate."""
+    clock = FakeClock()
+    settings: dict[str, Any] = {"validating_s": 1, "in_progress_s": 1, "finalizing_s": 1}
+    async with running(tmp_path, clock=clock, **settings) as (_, api):
+        up = await api.upload(jsonl(embedding_line(f"r{i}", f"doc {i}") for i in range(4)))
+        schemas.validate_response("OpenAIFile", up.body)
+        schemas.validate_response("OpenAIFile", (await api.call("GET", f"/files/{up.body['id']}")).body)
+        schemas.validate_response("ListFilesResponse", (await api.call("GET", "/files")).body)
+        batch = (await api.create_batch(up.body["id"], {"shard": "a"})).body
+        seen = set()
+        for _ in range(4):
+            body = (await api.call("GET", f"/batches/{batch['id']}")).body
+            schemas.validate_response("Batch", body)
+            seen.add(body["status"])
+            clock.advance(1)
+        assert seen == {"validating", "in_progress", "finalizing", "completed"}
+        for line in await api.lines(body["output_file_id"]):
+            schemas.validate_batch_line(line)
+        other = (await api.create_batch(up.body["id"])).body
+        cancelled = (await api.call("POST", f"/batches/{other['id']}/cancel")).body
+        schemas.validate_response("Batch", cancelled)
+        clock.advance(2)
+        listed = (await api.call("GET", "/batches", params={"limit": 1})).body
+        schemas.validate_response("ListBatchesResponse", listed)
+        for line in await api.lines(listed["data"][0]["error_file_id"]):
+            schemas.validate_batch_line(line)
+        deleted = (await api.call("DELETE", f"/files/{up.body['id']}")).body
+        schemas.validate_response("DeleteFileResponse", deleted)
+
+
+async def test_failed_and_expired_batches_fit(tmp_path: Path) -> None:
+    """A token-limit failure, an expired batch and failed lines all validate."""
+    script = {"batches": [{"outcome": "expire", "count": 1, "failed_line_rate": 0.5}]}
+    async with running(tmp_path, faults=script, enqueued_token_limit=1000, in_progress_s=50) as (_, api):
+        up = await api.upload(jsonl(embedding_line(f"r{i}", "x y z") for i in range(6)))
+        expired = (await api.create_batch(up.body["id"])).body
+        schemas.validate_response("Batch", expired)
+        big = await api.upload(jsonl([embedding_line("big", "word " * 2000)]))
+        failed = (await api.create_batch(big.body["id"])).body
+        failed = await api.wait_batch(failed["id"], {"failed"})
+        schemas.validate_response("Batch", failed)
+        assert failed["errors"]["data"][0]["code"] == "token_limit_exceeded"
+
+
+async def test_embeddings_and_errors_fit(tmp_path: Path) -> None:
+    """Float and base64 embedding responses and error bodies validate."""
+    async with running(tmp_path) as (_, api):
+        request = {"model": "text-embedding-3-small", "input": ["a b", "c"], "dimensions": 64}
+        schemas.validate_request("CreateEmbeddingRequest", request)
+        floats = (await api.call("POST", "/embeddings", json_body=request)).body
+        schemas.validate_response("CreateEmbeddingResponse", floats)
+        b64 = await api.call(
+            "POST", "/embeddings", json_body={**request, "encoding_format": "base64"}
+        )
+        schemas.validate_response("CreateEmbeddingResponse", b64.body)
+        for item in b64.body["data"]:
+            assert isinstance(item["embedding"], str)
+            assert len(base64.b64decode(item["embedding"])) == 4 * 64
+        errors = [
+            await api.call("POST", "/embeddings", json_body={"model": "nope", "input": "x"}),
+            await api.call("GET", "/files", key=None),
+            await api.call("GET", "/batches/batch_missing"),
+            await api.call("GET", "/nothing-here"),
+        ]
+        for reply in errors:
+            assert reply.status >= 400
+            schemas.validate_response("ErrorResponse", reply.body)
