@@ -55,10 +55,14 @@ def _parser() -> argparse.ArgumentParser:
         "submit", parents=[common], help="copy files into the inbox safely (tmp/ then rename)"
     )
     submit.add_argument("files", nargs="+", metavar="FILE")
-    submit.add_argument("--sync", action="store_true", help="use the synchronous lane (inbox/sync/)")
+    submit.add_argument(
+        "--sync", action="store_true", help="use the synchronous lane (inbox/sync/)"
+    )
     status = sub.add_parser("status", parents=[common], help="queue, batches, breaker, spend")
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.add_argument("--watch", action="store_true", help="redraw every second with progress bars")
+    status.add_argument(
+        "--watch", action="store_true", help="redraw every second with progress bars"
+    )
     sub.add_parser(
         "report",
         parents=[common],

@@ -27,7 +27,9 @@ def _connect(db: Path) -> sqlite3.Connection:
     return conn
 
 
-def gather(db: Path, *, now: float | None = None, budget: dict[str, Any] | None = None) -> dict[str, Any]:
+def gather(
+    db: Path, *, now: float | None = None, budget: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Everything `embedd status` shows, as JSON-ready data."""
     now = time.time() if now is None else now
     if not db.exists():
@@ -108,7 +110,8 @@ def render(data: dict[str, Any], *, bars: bool = False) -> str:
     out = [
         "files:    " + _fmt(c["files"], ("claiming", "queued", "writing", "done", "failed")),
         "requests: " + _fmt(c["requests"], ("pending", "planned", "done", "failed")),
-        "batches:  " + _fmt(c["shards"], ("planned", "uploaded", "submitted", "collecting", "collected")),
+        "batches:  "
+        + _fmt(c["shards"], ("planned", "uploaded", "submitted", "collecting", "collected")),
     ]
     breaker = data.get("breaker")
     if isinstance(breaker, dict):

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from embedd.batchlines import encode_request_line
+from embedd.budgeting import submission_allowed
 from embedd.errors import (
     APIPermanentError,
     EmbeddError,
@@ -148,6 +149,8 @@ async def plan_one(rt: Runtime) -> str | None:
     cut = cut_shard(pending, limits, headroom)
     oldest = await rt.store.oldest_pending("batch")
     if not should_submit(cut, oldest, rt.clock(), s.batch_flush_after):
+        return None
+    if not await submission_allowed(rt, cut.tokens, "batch"):
         return None
     shard = new_id("shard")
     chosen = {k for k in cut.keys}

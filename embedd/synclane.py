@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 
 from embedd.accounting import flush_ledger
 from embedd.batchlines import BadVector, decode_embedding
+from embedd.budgeting import submission_allowed
 from embedd.cost import entry_row, make_entry
 from embedd.errors import APIPermanentError, SubmissionPaused, TransientError
 from embedd.planner import pack_sync
@@ -42,6 +43,9 @@ async def sync_loop(rt: Runtime) -> None:
                     pending, rt.settings.sync_max_inputs, rt.settings.sync_max_request_tokens
                 )
                 for group in groups:
+                    tokens = sum(by_key[k].tokens for k in group)
+                    if not await submission_allowed(rt, tokens, "sync"):
+                        break
                     await slots.acquire()
                     if rt.stopping.is_set():
                         slots.release()

@@ -187,7 +187,9 @@ class DaemonProcess:
 
         def finished() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
-                pytest.fail(f"daemon exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}")
+                pytest.fail(
+                    f"daemon exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}"
+                )
             out = {p.name for p in (self.spool / "outbox").glob("*.npy")}
             failed = {p.name for p in (self.spool / "failed").glob("*.error.json")}
             return all(f"{n}.npy" in out or f"{n}.error.json" in failed for n in names)

@@ -10,7 +10,6 @@ from typing import Any
 import aiohttp
 import numpy as np
 import pytest
-
 from contract.emulator_client import KEY, FakeClock, embedding_line, jsonl, running
 
 LARGE = "text-embedding-3-large"
@@ -66,9 +65,7 @@ async def test_base64_equals_float_and_dimensions_hold(tmp_path: Path) -> None:
     body = {"model": LARGE, "input": ["alpha beta", "gamma"], "dimensions": 256}
     async with running(tmp_path) as (_, api):
         floats = (await api.call("POST", "/embeddings", json_body=body)).body
-        b64 = await api.call(
-            "POST", "/embeddings", json_body={**body, "encoding_format": "base64"}
-        )
+        b64 = await api.call("POST", "/embeddings", json_body={**body, "encoding_format": "base64"})
     assert b64.status == 200
     for f_item, b_item in zip(floats["data"], b64.body["data"], strict=True):
         decoded = np.frombuffer(base64.b64decode(b_item["embedding"]), dtype="<f4")
@@ -84,8 +81,12 @@ async def test_token_id_inputs_embed_like_their_text(tmp_path: Path) -> None:
 
     tokens = encoding().encode_ordinary("hello world")
     async with running(tmp_path) as (_, api):
-        by_text = await api.call("POST", "/embeddings", json_body={"model": LARGE, "input": "hello world"})
-        by_ids = await api.call("POST", "/embeddings", json_body={"model": LARGE, "input": [tokens]})
+        by_text = await api.call(
+            "POST", "/embeddings", json_body={"model": LARGE, "input": "hello world"}
+        )
+        by_ids = await api.call(
+            "POST", "/embeddings", json_body={"model": LARGE, "input": [tokens]}
+        )
     assert by_ids.status == 200
     assert by_ids.body["data"][0]["embedding"] == by_text.body["data"][0]["embedding"]
     assert by_ids.body["usage"]["prompt_tokens"] == len(tokens)
@@ -154,7 +155,11 @@ async def test_batch_create_rejections(tmp_path: Path) -> None:
     """Unknown file, wrong endpoint, window or metadata are refused with OpenAI's shape."""
     async with running(tmp_path) as (_, api):
         up = await api.upload(jsonl([embedding_line("a", "x")]))
-        base = {"input_file_id": up.body["id"], "endpoint": "/v1/embeddings", "completion_window": "24h"}
+        base = {
+            "input_file_id": up.body["id"],
+            "endpoint": "/v1/embeddings",
+            "completion_window": "24h",
+        }
         cases = [
             ({**base, "input_file_id": "file-missing"}, 404),
             ({**base, "endpoint": "/v1/chat/completions"}, 400),
@@ -194,7 +199,9 @@ async def test_batches_page_newest_first(tmp_path: Path) -> None:
         first = (await api.call("GET", "/batches", params={"limit": 2})).body
         assert [b["id"] for b in first["data"]] == created[::-1][:2]
         assert first["has_more"] and first["last_id"] == created[3]
-        rest = (await api.call("GET", "/batches", params={"limit": 10, "after": first["last_id"]})).body
+        rest = (
+            await api.call("GET", "/batches", params={"limit": 10, "after": first["last_id"]})
+        ).body
         assert [b["id"] for b in rest["data"]] == created[::-1][2:]
         assert rest["has_more"] is False and rest["first_id"] == created[2]
         files = (await api.call("GET", "/files", params={"purpose": "batch", "limit": 1})).body
@@ -300,12 +307,16 @@ async def test_fault_expired_and_failed_lines(tmp_path: Path) -> None:
     }
     async with running(tmp_path, faults=script) as (_, api):
         up = await api.upload(jsonl(lines))
-        expired = await api.wait_batch((await api.create_batch(up.body["id"])).body["id"], {"expired"})
+        expired = await api.wait_batch(
+            (await api.create_batch(up.body["id"])).body["id"], {"expired"}
+        )
         assert expired["request_counts"] == {"total": 10, "completed": 5, "failed": 5}
         errors = await api.lines(expired["error_file_id"])
         assert {e["error"]["code"] for e in errors} == {"batch_expired"}
         assert len(await api.lines(expired["output_file_id"])) == 5
-        failing = await api.wait_batch((await api.create_batch(up.body["id"])).body["id"], {"completed"})
+        failing = await api.wait_batch(
+            (await api.create_batch(up.body["id"])).body["id"], {"completed"}
+        )
         assert failing["output_file_id"] is None and failing["request_counts"]["failed"] == 10
         bad = await api.lines(failing["error_file_id"])
         assert {b["response"]["status_code"] for b in bad} == {400}
@@ -315,7 +326,10 @@ async def test_fault_expired_and_failed_lines(tmp_path: Path) -> None:
 async def test_token_limit_fails_batch(tmp_path: Path) -> None:
     """Tokens in flight over the enqueued limit fail the new batch with OpenAI's message."""
     clock = FakeClock()
-    async with running(tmp_path, clock=clock, enqueued_token_limit=5, in_progress_s=100) as (_, api):
+    async with running(tmp_path, clock=clock, enqueued_token_limit=5, in_progress_s=100) as (
+        _,
+        api,
+    ):
         up = await api.upload(jsonl([embedding_line("a", "one two three")]))
         first = (await api.create_batch(up.body["id"])).body
         second = (await api.create_batch(up.body["id"])).body

@@ -50,7 +50,8 @@ def check_result(spool: Path, name: str, texts: list[tuple[str, str]]) -> dict[s
     assert manifest["dimensions"] == DIMS
     assert manifest["mode"] == "batch"
     assert manifest["emulated"] is False  # a separate emulator: the daemon cannot know
-    assert manifest["batches"] and all(b.startswith("batch_") for b in manifest["batches"])
+    assert manifest["batches"]
+    assert all(b.startswith("batch_") for b in manifest["batches"])
     return manifest
 
 
@@ -131,7 +132,7 @@ def test_every_refusal_lands_in_failed_with_a_reason(
         drop(daemon.spool, name, data)
     outside = tmp_path / "secret.txt"
     outside.write_text("never read through a link")
-    os.symlink(outside, inbox / "link.txt")
+    (inbox / "link.txt").symlink_to(outside)
     os.mkfifo(inbox / "pipe.txt")
     (inbox / "upload.part").write_text("still being written")
     (inbox / ".hidden").write_text("ignored")
@@ -145,7 +146,7 @@ def test_every_refusal_lands_in_failed_with_a_reason(
         assert (daemon.spool / "failed" / name).read_bytes() == data
     link_error = json.loads((daemon.spool / "failed" / "link.txt.error.json").read_text())
     assert "symbolic link" in link_error["reason"]
-    assert os.path.islink(daemon.spool / "failed" / "link.txt")
+    assert (daemon.spool / "failed" / "link.txt").is_symlink()
     assert outside.read_text() == "never read through a link"
     fifo_error = json.loads((daemon.spool / "failed" / "pipe.txt.error.json").read_text())
     assert "FIFO" in fifo_error["reason"]
@@ -170,7 +171,9 @@ def test_small_max_lines_splits_one_drop_into_several_batches(
     emulator = start_emulator()
     daemon = start_daemon(emulator.url, batch={"max_lines": 50})
     texts = [f"record number {i} about topic {i % 7}" for i in range(180)]
-    drop(daemon.spool, "many.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in texts).encode())
+    drop(
+        daemon.spool, "many.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
+    )
     daemon.wait_done(["many.jsonl"], timeout=90)
     planned = [e for e in daemon.events() if e.get("event") == "shard.planned"]
     assert len(planned) >= 4

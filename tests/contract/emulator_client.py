@@ -77,7 +77,9 @@ class Api:
         """Upload a batch input file."""
         form = aiohttp.FormData()
         form.add_field("purpose", "batch")
-        form.add_field("file", io.BytesIO(content), filename=filename, content_type="application/jsonl")
+        form.add_field(
+            "file", io.BytesIO(content), filename=filename, content_type="application/jsonl"
+        )
         return await self.call("POST", "/files", data=form)
 
     async def create_batch(self, file_id: str, metadata: dict[str, str] | None = None) -> Reply:

@@ -9,7 +9,7 @@ a base64 string. Requests are checked against the document as written.
 from __future__ import annotations
 
 import copy
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,7 @@ def _validator(root: Any, pointer: str) -> Draft202012Validator:
     return Draft202012Validator({"$ref": f"urn:openai#{pointer}"}, registry=registry)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _schema_validator(name: str, loose: bool) -> Draft202012Validator:
     spec, relaxed, _ = _documents()
     return _validator(relaxed if loose else spec, f"/components/schemas/{name}")

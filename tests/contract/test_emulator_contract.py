@@ -8,7 +8,6 @@ from typing import Any
 
 import jsonschema
 import pytest
-
 import schemas
 from emulator_client import FakeClock, embedding_line, jsonl, running
 
@@ -20,7 +19,9 @@ pytestmark = pytest.mark.skipif(
 def test_transform_keeps_the_schema_strict() -> None:
     """The null latitude does not let a wrong enum or a missing required key through."""
     with pytest.raises(jsonschema.ValidationError):
-        schemas.validate_response("DeleteFileResponse", {"id": "f", "object": "batch", "deleted": True})
+        schemas.validate_response(
+            "DeleteFileResponse", {"id": "f", "object": "batch", "deleted": True}
+        )
     with pytest.raises(jsonschema.ValidationError):
         schemas.validate_response("Batch", {"id": "b", "object": "batch"})
 
@@ -32,7 +33,9 @@ async def test_files_and_batches_fit_their_schemas(tmp_path: Path) -> None:
     async with running(tmp_path, clock=clock, **settings) as (_, api):
         up = await api.upload(jsonl(embedding_line(f"r{i}", f"doc {i}") for i in range(4)))
         schemas.validate_response("OpenAIFile", up.body)
-        schemas.validate_response("OpenAIFile", (await api.call("GET", f"/files/{up.body['id']}")).body)
+        schemas.validate_response(
+            "OpenAIFile", (await api.call("GET", f"/files/{up.body['id']}")).body
+        )
         schemas.validate_response("ListFilesResponse", (await api.call("GET", "/files")).body)
         batch = (await api.create_batch(up.body["id"], {"shard": "a"})).body
         seen = set()
@@ -59,7 +62,10 @@ async def test_files_and_batches_fit_their_schemas(tmp_path: Path) -> None:
 async def test_failed_and_expired_batches_fit(tmp_path: Path) -> None:
     """A token-limit failure, an expired batch and failed lines all validate."""
     script = {"batches": [{"outcome": "expire", "count": 1, "failed_line_rate": 0.5}]}
-    async with running(tmp_path, faults=script, enqueued_token_limit=1000, in_progress_s=50) as (_, api):
+    async with running(tmp_path, faults=script, enqueued_token_limit=1000, in_progress_s=50) as (
+        _,
+        api,
+    ):
         up = await api.upload(jsonl(embedding_line(f"r{i}", "x y z") for i in range(6)))
         expired = (await api.create_batch(up.body["id"])).body
         schemas.validate_response("Batch", expired)
