@@ -78,6 +78,14 @@ def _parser() -> argparse.ArgumentParser:
         "--phase-time", type=float, default=0.5, help="seconds a batch spends in each state"
     )
     emu.add_argument("--faults", type=Path, help="JSON fault script (see embedd.emulator.faults)")
+    emu.add_argument("--rpm", type=int, help="enforce requests a minute on /v1/embeddings")
+    emu.add_argument("--tpm", type=int, help="enforce tokens a minute on /v1/embeddings")
+    emu.add_argument(
+        "--enqueued-token-limit",
+        type=int,
+        help="fail new batches with token_limit_exceeded past this many tokens in flight",
+    )
+    emu.add_argument("--seed", type=int, default=0, help="seed for random faults and order")
     return p
 
 
@@ -202,6 +210,10 @@ def _emulator(args: argparse.Namespace) -> int:
         in_progress_s=args.phase_time,
         finalizing_s=args.phase_time,
         faults=faults,
+        rpm=args.rpm,
+        tpm=args.tpm,
+        enqueued_token_limit=args.enqueued_token_limit,
+        seed=args.seed,
     )
     return main_emulator(args.host, args.port, config)
 

@@ -66,7 +66,6 @@ def cut_shard(pending: Sequence[Packable], limits: ShardLimits, headroom: int) -
     `headroom` is what the queue can take now (limit minus tokens in flight).
     """
     max_lines = min(limits.max_lines, API_MAX_INPUTS_PER_BATCH)
-    token_cap = min(limits.max_tokens, headroom)
     keys: list[str] = []
     nbytes = tokens = qtokens = 0
     stopped: StopReason = "exhausted"
@@ -77,8 +76,13 @@ def cut_shard(pending: Sequence[Packable], limits: ShardLimits, headroom: int) -
         if nbytes + req.nbytes > limits.max_bytes:
             stopped = "bytes"
             break
-        if qtokens + req.qtokens > token_cap:
-            stopped = "tokens" if token_cap == limits.max_tokens else "headroom"
+        # "tokens" means full: the next request breaks the limit itself, so waiting for
+        # batches in flight could not grow this shard. "headroom" means waiting could.
+        if qtokens + req.qtokens > limits.max_tokens:
+            stopped = "tokens"
+            break
+        if qtokens + req.qtokens > headroom:
+            stopped = "headroom"
             break
         keys.append(req.key)
         nbytes += req.nbytes

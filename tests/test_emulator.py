@@ -19,7 +19,8 @@ def assert_error_shape(body: Any) -> dict[str, Any]:
     """OpenAI's error body: exactly message, type, param, code under "error"."""
     assert set(body) == {"error"}
     assert set(body["error"]) == {"message", "type", "param", "code"}
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    assert isinstance(body["error"]["message"], str)
+    assert body["error"]["message"]
     return dict(body["error"])
 
 
@@ -38,7 +39,8 @@ async def test_batch_walks_through_its_states(tmp_path: Path) -> None:
         assert seen == ["validating", "in_progress", "finalizing", "completed"]
         final = (await api.call("GET", f"/batches/{batch['id']}")).body
         assert final["request_counts"] == {"total": 3, "completed": 3, "failed": 0}
-        assert final["error_file_id"] is None and final["output_file_id"]
+        assert final["error_file_id"] is None
+        assert final["output_file_id"]
         assert final["completed_at"] == final["created_at"] + 30
         assert final["usage"]["input_tokens"] > 0
 
@@ -52,10 +54,12 @@ async def test_output_is_shuffled_but_complete(tmp_path: Path) -> None:
         done = await api.wait_batch(batch["id"], {"completed"})
         lines = await api.lines(done["output_file_id"])
     got = [line["custom_id"] for line in lines]
-    assert sorted(got) == sorted(ids) and got != ids
+    assert sorted(got) == sorted(ids)
+    assert got != ids
     for line in lines:
         body = line["response"]["body"]
-        assert line["response"]["status_code"] == 200 and line["error"] is None
+        assert line["response"]["status_code"] == 200
+        assert line["error"] is None
         assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > 0
         assert len(body["data"][0]["embedding"]) == 3072
 
@@ -180,7 +184,8 @@ async def test_unauthorised_requests_get_401(tmp_path: Path) -> None:
     async with running(tmp_path, key=None) as (_, api):
         assert (await api.call("GET", "/files")).status == 401
         err = assert_error_shape((await api.call("GET", "/files", key="bad-key")).body)
-        assert err["code"] == "invalid_api_key" and "bad-key" not in err["message"]
+        assert err["code"] == "invalid_api_key"
+        assert "bad-key" not in err["message"]
         assert (await api.call("GET", "/files", key="sk-anything")).status == 200
     async with running(tmp_path, key=None, api_key="sk-the-one") as (_, api):
         assert (await api.call("GET", "/files", key="sk-other")).status == 401
@@ -198,17 +203,20 @@ async def test_batches_page_newest_first(tmp_path: Path) -> None:
             created.append((await api.create_batch(up.body["id"])).body["id"])
         first = (await api.call("GET", "/batches", params={"limit": 2})).body
         assert [b["id"] for b in first["data"]] == created[::-1][:2]
-        assert first["has_more"] and first["last_id"] == created[3]
+        assert first["has_more"]
+        assert first["last_id"] == created[3]
         rest = (
             await api.call("GET", "/batches", params={"limit": 10, "after": first["last_id"]})
         ).body
         assert [b["id"] for b in rest["data"]] == created[::-1][2:]
-        assert rest["has_more"] is False and rest["first_id"] == created[2]
+        assert rest["has_more"] is False
+        assert rest["first_id"] == created[2]
         files = (await api.call("GET", "/files", params={"purpose": "batch", "limit": 1})).body
         assert [f["id"] for f in files["data"]] == [up.body["id"]]
         assert files["has_more"] is False
         outputs = (await api.call("GET", "/files", params={"purpose": "batch_output"})).body
-        assert len(outputs["data"]) == 5 and outputs["first_id"] != up.body["id"]
+        assert len(outputs["data"]) == 5
+        assert outputs["first_id"] != up.body["id"]
 
 
 async def test_files_roundtrip_and_delete(tmp_path: Path) -> None:
@@ -216,9 +224,11 @@ async def test_files_roundtrip_and_delete(tmp_path: Path) -> None:
     content = jsonl([embedding_line("a", "x"), embedding_line("b", "y")])
     async with running(tmp_path) as (_, api):
         up = (await api.upload(content)).body
-        assert up["bytes"] == len(content) and up["purpose"] == "batch"
+        assert up["bytes"] == len(content)
+        assert up["purpose"] == "batch"
         got = await api.call("GET", f"/files/{up['id']}/content")
-        assert got.raw == content and got.headers["Content-Length"] == str(len(content))
+        assert got.raw == content
+        assert got.headers["Content-Length"] == str(len(content))
         deleted = await api.call("DELETE", f"/files/{up['id']}")
         assert deleted.body == {"id": up["id"], "object": "file", "deleted": True}
         assert (await api.call("GET", f"/files/{up['id']}")).status == 404
@@ -259,18 +269,21 @@ async def test_fault_http_kinds(tmp_path: Path) -> None:
     async with running(tmp_path) as (_, api):
         await _set_faults(api, script)
         limited = await api.call("GET", "/files")
-        assert limited.status == 429 and limited.headers["Retry-After"] == "2"
+        assert limited.status == 429
+        assert limited.headers["Retry-After"] == "2"
         assert assert_error_shape(limited.body)["code"] == "rate_limit_exceeded"
         quota = await api.call("GET", "/files")
         assert assert_error_shape(quota.body)["code"] == "insufficient_quota"
         html = await api.call("GET", "/files")
-        assert html.status == 502 and html.headers["Content-Type"].startswith("text/html")
+        assert html.status == 502
+        assert html.headers["Content-Type"].startswith("text/html")
         body = {"model": LARGE, "input": "x"}
         with pytest.raises(aiohttp.ClientError):
             await api.call("POST", "/embeddings", json_body=body)
         assert (await api.call("POST", "/embeddings", json_body=body)).status == 200
         state = (await api.call("GET", "/_emulator/state")).body
-        assert state["rate_limited_429"] == 2 and state["faults_fired"] == 4
+        assert state["rate_limited_429"] == 2
+        assert state["faults_fired"] == 4
 
 
 async def test_fault_truncated_download_and_lost_create(tmp_path: Path) -> None:
@@ -291,7 +304,8 @@ async def test_fault_truncated_download_and_lost_create(tmp_path: Path) -> None:
         with pytest.raises(aiohttp.ClientError):
             await api.create_batch(up.body["id"], {"shard": "lost"})
         state = (await api.call("GET", "/_emulator/state")).body
-        assert state["create_batch_calls"] == 1 and state["batches_created"] == 1
+        assert state["create_batch_calls"] == 1
+        assert state["batches_created"] == 1
         assert state["batches_by_metadata"] == {'{"shard": "lost"}': 1}
         assert len((await api.call("GET", "/batches")).body["data"]) == 1
 
@@ -317,7 +331,8 @@ async def test_fault_expired_and_failed_lines(tmp_path: Path) -> None:
         failing = await api.wait_batch(
             (await api.create_batch(up.body["id"])).body["id"], {"completed"}
         )
-        assert failing["output_file_id"] is None and failing["request_counts"]["failed"] == 10
+        assert failing["output_file_id"] is None
+        assert failing["request_counts"]["failed"] == 10
         bad = await api.lines(failing["error_file_id"])
         assert {b["response"]["status_code"] for b in bad} == {400}
         assert_error_shape(bad[0]["response"]["body"])
@@ -356,7 +371,8 @@ async def test_cancel_gives_partial_output(tmp_path: Path) -> None:
         assert done["status"] == "cancelled"
         assert done["request_counts"] == {"total": 10, "completed": 3, "failed": 7}
         again = await api.call("POST", f"/batches/{batch['id']}/cancel")
-        assert again.status == 200 and again.body["status"] == "cancelled"
+        assert again.status == 200
+        assert again.body["status"] == "cancelled"
 
 
 async def test_rpm_window_answers_429_with_headers(tmp_path: Path) -> None:
@@ -368,7 +384,8 @@ async def test_rpm_window_answers_429_with_headers(tmp_path: Path) -> None:
         assert ok.headers["x-ratelimit-limit-tokens"]
         await api.call("POST", "/embeddings", json_body=body)
         limited = await api.call("POST", "/embeddings", json_body=body)
-    assert limited.status == 429 and int(limited.headers["Retry-After"]) >= 1
+    assert limited.status == 429
+    assert int(limited.headers["Retry-After"]) >= 1
     assert limited.headers["x-ratelimit-remaining-requests"] == "0"
     assert assert_error_shape(limited.body)["code"] == "rate_limit_exceeded"
 
@@ -385,7 +402,8 @@ async def test_unknown_route_is_404_in_openai_shape(tmp_path: Path) -> None:
     """Paths the API does not serve answer 404 with OpenAI's error body."""
     async with running(tmp_path) as (_, api):
         reply = await api.call("GET", "/models")
-    assert reply.status == 404 and "Invalid URL" in assert_error_shape(reply.body)["message"]
+    assert reply.status == 404
+    assert "Invalid URL" in assert_error_shape(reply.body)["message"]
 
 
 def test_key_is_fake() -> None:

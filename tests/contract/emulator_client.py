@@ -93,9 +93,9 @@ class Api:
             body["metadata"] = metadata
         return await self.call("POST", "/batches", json_body=body)
 
-    async def wait_batch(self, batch_id: str, statuses: set[str], timeout: float = 20) -> Any:
+    async def wait_batch(self, batch_id: str, statuses: set[str], within: float = 20) -> Any:
         """Poll a batch until its status is one of ``statuses`` (deadline, no fixed sleep)."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + within
         while True:
             reply = await self.call("GET", f"/batches/{batch_id}")
             assert reply.status == 200, reply.body
