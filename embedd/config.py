@@ -59,9 +59,9 @@ def parse_size(value: object) -> int:
     """Bytes from `"190MB"`, `"256MiB"` or a plain integer."""
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
-    if isinstance(value, str) and (m := _SIZE.match(value)):
+    if isinstance(value, str) and (m := _SIZE.match(value)) and int(m.group(1)) > 0:
         return int(m.group(1)) * _UNIT_BYTES[m.group(2)]
-    raise ValueError('a size such as 1048576, "190MB" or "256MiB"')
+    raise ValueError('a size above 0 such as 1048576, "190MB" or "256MiB"')
 
 
 def _positive_int(value: object) -> int:
@@ -410,11 +410,13 @@ def _bad(key: str, value: object, allowed: str) -> ConfigError:
 
 
 def _parse_prices(table: object) -> dict[str, tuple[Decimal, Decimal]]:
-    prices = dict(DEFAULT_PRICES)
+    # A [cost.prices] table is the whole price list (it is not merged with the
+    # defaults), so a model left out of it has no price: a config error.
     if table is None:
-        return prices
+        return dict(DEFAULT_PRICES)
     if not isinstance(table, dict):
         raise _bad("[cost.prices]", table, "a table of models")
+    prices: dict[str, tuple[Decimal, Decimal]] = {}
     for model, entry in table.items():
         where = f'[cost.prices] "{model}"'
         if not isinstance(entry, dict) or set(entry) != {"standard", "batch"}:
@@ -457,8 +459,13 @@ def load_settings(
     prices_table: object = None
     for section, body in raw.items():
         if section == "cost":
-            if not isinstance(body, dict) or set(body) - {"prices"}:
-                raise ConfigError("[cost] only takes the table [cost.prices]")
+            if not isinstance(body, dict):
+                raise _bad("[cost]", body, "the table [cost.prices]")
+            extra = sorted(set(body) - {"prices"})
+            if extra:
+                raise ConfigError(
+                    f"unknown key [cost] {extra[0]} in {path}; allowed: [cost.prices]"
+                )
             prices_table = body.get("prices")
             continue
         if section not in known:
@@ -527,7 +534,10 @@ def _check_combinations(s: Settings) -> None:
             "[openai] dimensions", s.openai_dimensions, f"at most {native} for {s.openai_model}"
         )
     if s.openai_model not in s.prices:
-        raise ConfigError(f"[cost.prices] has no price for model {s.openai_model}")
+        raise ConfigError(
+            f"[cost.prices] has no price for [openai] model = {s.openai_model!r}: expected "
+            f'"{s.openai_model}" = {{standard = <USD per 1M tokens>, batch = <USD per 1M tokens>}}'
+        )
     if s.inputs_max_tokens > 8191:
         raise _bad("[inputs] max_tokens", s.inputs_max_tokens, "at most 8191 (the API's limit)")
     if s.batch_max_lines > 50000:

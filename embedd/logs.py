@@ -230,6 +230,10 @@ def configure_logging(
         old.close()
     root.addHandler(handler)
     root.setLevel(numeric)
+    # One line per HTTP request (the emulator's access log) or per inotify batch is
+    # noise next to embedd's own events; their warnings still come through.
+    for chatty in ("aiohttp.access", "watchfiles.main"):
+        logging.getLogger(chatty).setLevel(max(numeric, logging.WARNING))
 
     structlog.configure(
         processors=[
