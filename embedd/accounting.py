@@ -4,6 +4,9 @@ A usage row is stored in the same transaction that applies its results; the line
 is appended to the ledger file afterwards and the row marked written. A crash in
 between leaves the row unwritten, and `flush_ledger` (at start and after every
 collection) appends it — the ledger's own key check makes a repeat harmless.
+
+Entries are stamped with the runtime's clock (`rt.clock`), the same clock budgets
+use to tell which day and month a cost belongs to.
 """
 
 from __future__ import annotations
@@ -11,23 +14,39 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 
-from embedd.cost import entry_row, make_entry, parse_line
+from embedd.budgeting import check_spend
+from embedd.cost import LedgerEntry, entry_row, make_entry, parse_line
 from embedd.runtime import Runtime
 
 
+def ledger_time(rt: Runtime) -> datetime:
+    """The time a ledger entry made now is stamped with."""
+    return datetime.fromtimestamp(rt.clock(), UTC)
+
+
 async def flush_ledger(rt: Runtime) -> int:
-    """Append every ledger row not yet in ledger.jsonl; return how many were appended."""
+    """Append every ledger row not yet in ledger.jsonl; return how many were appended.
+
+    New usage may have crossed a budget: it is checked once the lines are written.
+    """
     appended = 0
+    usage = False
     for row in await rt.store.unwritten_ledger():
         entry = parse_line(row["line"])
         if await asyncio.to_thread(rt.ledger.append, entry):
             appended += 1
+            usage = usage or isinstance(entry, LedgerEntry)
         await rt.store.mark_ledger_written(row["id"])
+    if usage:
+        await check_spend(rt)
     return appended
 
 
 async def record_dedup(rt: Runtime, job: str, lane: str, tokens: int) -> None:
-    """A ledger line for what deduplication saved one file: no requests, no cost."""
+    """A ledger line for what deduplication saved one file: no requests, no cost.
+
+    Keyed `dedup:JOB`, so delivering the file again after a crash adds no second line.
+    """
     s = rt.settings
     entry = make_entry(
         "sync" if lane == "sync" else "batch",
@@ -40,7 +59,7 @@ async def record_dedup(rt: Runtime, job: str, lane: str, tokens: int) -> None:
         dedup_tokens=tokens,
         emulated=rt.emulated,
         prices=rt.prices,
-        now=datetime.now(UTC),
+        now=ledger_time(rt),
     )
     await rt.store.add_ledger(*entry_row(entry))
     await flush_ledger(rt)

@@ -36,6 +36,7 @@ import structlog
 
 from embedd.batchlines import request_body
 from embedd.breaker import Breaker
+from embedd.crashpoints import crash_point
 from embedd.errors import (
     APIPermanentError,
     APITransientError,
@@ -325,6 +326,7 @@ class OpenAIClient:
                     async for chunk in resp.content.iter_chunked(_CHUNK):
                         out.write(chunk)
                         written += len(chunk)
+                        crash_point("during_download")
                     out.flush()
                     os.fsync(out.fileno())
                 if expected is not None and written != expected:

@@ -141,12 +141,24 @@ def _api_key(settings: Settings) -> str:
 
 def _run(settings: Settings) -> int:
     from embedd.daemon import run_daemon
-    from embedd.logs import configure_logging
+    from embedd.logs import configure_logging, get_logger
 
     configure_logging(settings.daemon_log_level)
     key = _api_key(settings)
     configure_logging(settings.daemon_log_level, secrets=[key])
-    return asyncio.run(run_daemon(settings, key))
+    try:
+        return asyncio.run(run_daemon(settings, key))
+    except (ConfigError, KeyboardInterrupt):
+        raise
+    except Exception:
+        # Through the logger, so the traceback is one redacted line like every other.
+        get_logger("embedd.daemon").exception("daemon.crashed")
+        # A crash can leave a worker thread behind (a database connection that failed
+        # half-way open) that would keep the interpreter alive for ever; systemd must
+        # see the process end to restart it. Everything durable is already on disk.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EX_FAIL)
 
 
 def _submit(settings: Settings, files: list[Path], sync: bool) -> int:

@@ -12,7 +12,8 @@ Outcome policy (SPEC §4):
     failed             token_limit_exceeded → all re-queued, back off, learn the limit;
                        errors naming lines → those fail for good, the rest re-queued;
                        otherwise → retry (counted), so a poison shard cannot loop
-    error-file lines   retryable (429, 5xx) → retry; anything else fails its record
+    error-file lines   batch_expired / batch_cancelled → re-queued at no cost to retries;
+                       retryable (429, 5xx) → retry; anything else fails its record
 """
 
 from __future__ import annotations
@@ -20,19 +21,22 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from embedd.accounting import flush_ledger
+from embedd.accounting import flush_ledger, ledger_time
 from embedd.batchlines import LineResult, MalformedLine, parse_output_line
 from embedd.cost import entry_row, make_entry
+from embedd.crashpoints import crash_point
 from embedd.errors import EmbeddError, SubmissionPaused, TransientError
 from embedd.planner import learn_queue_limit
 from embedd.runtime import Runtime
 from embedd.states import BATCH_TERMINAL
 
 SLICE = 1000
+# Error-file codes for lines the batch never ran because it expired or was
+# cancelled: re-queued at no cost to their retries (SPEC §4), like missing lines.
+UNFINISHED_CODES = frozenset({"batch_expired", "batch_cancelled"})
 
 
 def downloads_dir(rt: Runtime) -> Path:
@@ -128,12 +132,15 @@ async def collect(rt: Runtime, shard: str, batch: dict[str, Any]) -> None:
                     if r.vector is not None:
                         good.append((r.custom_id, r.vector.astype("<f4").tobytes(), r.tokens))
                         line_tokens += r.tokens or 0
+                    elif r.error_code in UNFINISHED_CODES:
+                        requeue.append(r.custom_id)  # never ran: not a failure, not a try
                     elif r.retryable:
                         retry.append((r.custom_id, _describe(r)))
                     else:
                         fail.append((r.custom_id, _describe(r)))
                 completed += len(good)
                 await rt.store.add_vectors(good, origin=batch_id, now=rt.clock())
+    crash_point("after_collect_vectors")
     missing = [k for k in sent if k not in seen]
     if status == "completed":
         retry.extend((k, "missing from the batch's output and error files") for k in missing)
@@ -158,7 +165,7 @@ async def collect(rt: Runtime, shard: str, batch: dict[str, Any]) -> None:
             dedup_tokens=0,
             emulated=rt.emulated,
             prices=rt.prices,
-            now=datetime.now(UTC),
+            now=ledger_time(rt),
         )
         ledger_row = entry_row(entry)
     await rt.store.apply_results(

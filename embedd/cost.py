@@ -130,6 +130,33 @@ def dumps_exact(obj: object) -> str:
     return _refuse(obj)
 
 
+def dumps_document(obj: object, indent: int = 2, _level: int = 0) -> str:
+    """Indented JSON like `json.dumps(obj, indent=2, allow_nan=False)`, except that a
+    `Decimal` is written as an exact number (see `dumps_exact`).
+
+    For documents that hold money next to other data (a manifest's `cost_usd` beside
+    a record's `meta`, which may have floats of its own): floats stay as json writes
+    them, money never becomes one. Strings are ASCII-escaped as json does by default.
+    """
+    if isinstance(obj, Decimal):
+        return format_usd(obj) if obj.is_finite() else _refuse(obj)
+    inner = "\n" + " " * (indent * (_level + 1))
+    outer = "\n" + " " * (indent * _level)
+    if isinstance(obj, Mapping):
+        if not obj:
+            return "{}"
+        items = (
+            f"{json.dumps(str(k))}: {dumps_document(v, indent, _level + 1)}" for k, v in obj.items()
+        )
+        return "{" + inner + ("," + inner).join(items) + outer + "}"
+    if isinstance(obj, list | tuple):
+        if not obj:
+            return "[]"
+        values = (dumps_document(v, indent, _level + 1) for v in obj)
+        return "[" + inner + ("," + inner).join(values) + outer + "]"
+    return json.dumps(obj, allow_nan=False)
+
+
 def _refuse(obj: object) -> str:
     raise TypeError(f"cannot write {type(obj).__name__} {obj!r} as exact JSON")
 

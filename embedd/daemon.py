@@ -5,22 +5,25 @@ Start-up, in order, before `READY=1`:
     2. claims, deliveries and ledger lines a crash interrupted are finished;
     3. shards are reconciled with OpenAI (no batch is ever created twice);
     4. the inbox is scanned once.
-Then the stages run side by side in one TaskGroup: intake (file events + periodic
-scan), submitter, poller/collector, sync lane, delivery, status and watchdog. Any
-stage that raises takes the daemon down (systemd restarts it); nothing is lost,
-because every stage is safe to interrupt at any await.
+The watchdog pings (while the state database answers) from step 2 on. After READY
+the stages run side by side in the same TaskGroup: intake (file events + periodic
+scan), submitter, poller/collector, sync lane, delivery and status. Any stage that
+raises takes the daemon down (systemd restarts it); nothing is lost, because every
+stage is safe to interrupt at any await.
 
-SIGTERM/SIGINT: stop taking work, cancel the stages (each checkpoint is already in
-the database), exit 0 within `[daemon] stop_timeout`. A second signal exits at once.
+SIGTERM/SIGINT, at any moment from the first line of `run_daemon`: `STOPPING=1`, stop
+taking work, cancel start-up or the stages (each checkpoint is already in the
+database), exit 0 within `[daemon] stop_timeout`. A second signal exits at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import watchfiles
 
@@ -63,9 +66,25 @@ async def run_daemon(
     """Run until SIGTERM/SIGINT (or, with `until_idle`, until no work is left)."""
     notifier = notifier or Notifier.from_env()
     paths = spool_paths(settings)
+    # Refuse an unsafe spool before creating anything in it, then check what was created.
+    check_spool_safety(paths.folders())
     paths.ensure()
     check_spool_safety(paths.folders())
     check_same_filesystem(paths)
+    stopping = asyncio.Event()
+    with _signals_handled(notifier, stopping, settings.daemon_stop_timeout):
+        return await _run(settings, api_key, paths, notifier, stopping, until_idle, on_ready)
+
+
+async def _run(
+    settings: Settings,
+    api_key: str,
+    paths: SpoolPaths,
+    notifier: Notifier,
+    stopping: asyncio.Event,
+    until_idle: bool,
+    on_ready: Callable[[Runtime], Awaitable[None]] | None,
+) -> int:
     emulator = None
     base_url = settings.openai_base_url
     if settings.emulate:
@@ -107,6 +126,7 @@ async def run_daemon(
             ledger=ledger,
             log=log,
             emulated=settings.emulate,
+            stopping=stopping,
         )
         facts = await store.facts()
         if isinstance(facts.get("queue_limit"), int):
@@ -119,12 +139,15 @@ async def run_daemon(
             await emulator.stop()
 
 
-async def _serve(
-    rt: Runtime,
-    notifier: Notifier,
-    until_idle: bool,
-    on_ready: Callable[[Runtime], Awaitable[None]] | None,
-) -> int:
+@contextlib.contextmanager
+def _signals_handled(
+    notifier: Notifier, stopping: asyncio.Event, stop_timeout: float
+) -> Iterator[None]:
+    """SIGTERM/SIGINT set `stopping`; a second one, or a stop past its budget, exits 0 at once.
+
+    Installed before anything slow (the tokenizer, the database) and removed only after
+    everything is closed, so a signal at any moment of the run ends it with exit 0.
+    """
     loop = asyncio.get_running_loop()
     signals = 0
 
@@ -136,31 +159,59 @@ async def _serve(
             os._exit(0)  # everything is checkpointed; leave now as asked
         log.info("daemon.stopping", signal=signal.Signals(signum).name)
         notifier.stopping()
-        rt.stopping.set()
+        stopping.set()
         # Every step is checkpointed, so a stop that overruns its budget can end hard.
-        loop.call_later(rt.settings.daemon_stop_timeout, _overran)
+        loop.call_later(stop_timeout, _overran)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     try:
-        await _recover(rt)
-        await scan_and_claim(rt)
-        await rt.store.set_fact("daemon", {"pid": os.getpid(), "started": time.time()})
-        notifier.ready(status=await status_line(rt))
-        log.info("daemon.ready", spool=str(rt.paths.root), emulated=rt.emulated)
-        if on_ready is not None:
-            await on_ready(rt)
-        await _run_stages(rt, notifier, until_idle)
+        yield
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-    log.info("daemon.stopped")
-    return 0
 
 
 def _overran() -> None:
     log.warning("daemon.stop_timeout_exit")
     os._exit(0)
+
+
+async def _serve(
+    rt: Runtime,
+    notifier: Notifier,
+    until_idle: bool,
+    on_ready: Callable[[Runtime], Awaitable[None]] | None,
+) -> int:
+    """Start up, say READY, run the stages; a stop cancels whichever phase is running.
+
+    The watchdog pings from the first moment, because start-up (reconciling with an
+    unreachable API, say) can outlast `WatchdogSec` while the loop is perfectly healthy.
+    Start-up itself runs in the TaskGroup's body, so the stop guard cancels it too.
+    """
+
+    async def stop_guard() -> None:
+        await rt.stopping.wait()
+        raise _Stop
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(stop_guard())
+            tg.create_task(watchdog_loop(notifier, rt.store.probe, notifier.watchdog_interval()))
+            await _recover(rt)
+            await scan_and_claim(rt)
+            await rt.store.set_fact("daemon", {"pid": os.getpid(), "started": time.time()})
+            # Logged first, so that whoever sees READY=1 finds the line in the log.
+            log.info("daemon.ready", spool=str(rt.paths.root), emulated=rt.emulated)
+            status = await status_line(rt)
+            notifier.ready(status=status)
+            if on_ready is not None:
+                await on_ready(rt)
+            _start_stages(tg, rt, notifier, until_idle, status)
+    except* _Stop:
+        pass
+    log.info("daemon.stopped")
+    return 0
 
 
 async def _recover(rt: Runtime) -> None:
@@ -183,26 +234,18 @@ async def _recover(rt: Runtime) -> None:
             await rt.wake.wait("never", rt.client.policy.delay(1, exc.retry_after))
 
 
-async def _run_stages(rt: Runtime, notifier: Notifier, until_idle: bool) -> None:
-    async def stop_guard() -> None:
-        await rt.stopping.wait()
-        raise _Stop
-
-    try:
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(stop_guard())
-            tg.create_task(_watch_inbox(rt))
-            tg.create_task(_periodic_scan(rt))
-            tg.create_task(submit_loop(rt))
-            tg.create_task(poll_loop(rt))
-            tg.create_task(sync_loop(rt))
-            tg.create_task(deliver_loop(rt))
-            tg.create_task(_status_loop(rt, notifier))
-            tg.create_task(watchdog_loop(notifier, rt.store.probe, notifier.watchdog_interval()))
-            if until_idle:
-                tg.create_task(_stop_when_idle(rt))
-    except* _Stop:
-        pass
+def _start_stages(
+    tg: asyncio.TaskGroup, rt: Runtime, notifier: Notifier, until_idle: bool, status: str
+) -> None:
+    tg.create_task(_watch_inbox(rt))
+    tg.create_task(_periodic_scan(rt))
+    tg.create_task(submit_loop(rt))
+    tg.create_task(poll_loop(rt))
+    tg.create_task(sync_loop(rt))
+    tg.create_task(deliver_loop(rt))
+    tg.create_task(_status_loop(rt, notifier, status))
+    if until_idle:
+        tg.create_task(_stop_when_idle(rt))
 
 
 class _Stop(Exception):
@@ -232,12 +275,19 @@ async def _periodic_scan(rt: Runtime) -> None:
             await scan_and_claim(rt)
 
 
-async def _status_loop(rt: Runtime, notifier: Notifier) -> None:
+async def _status_loop(rt: Runtime, notifier: Notifier, last: str) -> None:
+    """`STATUS=` whenever the line changes from `last` (checked every second); client
+    facts for `embedd status` every 5 s."""
+    tick = 0
     while not rt.stopping.is_set():
-        snapshot = rt.client.status_snapshot()
-        await rt.store.set_fact("client", snapshot)
-        notifier.status(await status_line(rt))
-        await rt.wake.wait("status", 5.0)
+        if tick % 5 == 0:
+            await rt.store.set_fact("client", rt.client.status_snapshot())
+        line = await status_line(rt)
+        if line != last:
+            notifier.status(line)
+            last = line
+        tick += 1
+        await rt.wake.wait("status", 1.0)
 
 
 async def status_line(rt: Runtime) -> str:

@@ -18,7 +18,8 @@ import numpy as np
 import numpy.typing as npt
 
 from embedd.accounting import record_dedup
-from embedd.cost import cost, format_usd
+from embedd.cost import cost, money
+from embedd.crashpoints import crash_point
 from embedd.errors import InputRejected
 from embedd.intake import refuse
 from embedd.outbox import finish_input, write_result
@@ -81,12 +82,13 @@ async def deliver(rt: Runtime, row: Any) -> None:
         "emulated": rt.emulated,
         "records": [_record_entry(r, chunks[i]) for i, r in enumerate(records)],
         "tokens": sum(r["tokens"] for r in records),
-        "cost_usd": float(format_usd(cost(billed, price))),
+        "cost_usd": money(cost(billed, price)),  # Decimal: written exactly
         "batches": sorted(origins),
         "submitted_at": rfc3339(row["claimed_at"]),
         "completed_at": rfc3339(rt.clock()),
     }
     path = await asyncio.to_thread(write_result, rt.paths, name, job, matrix, manifest)
+    crash_point("after_outbox_write")
     await asyncio.to_thread(finish_input, rt.paths, work, name, job, s.spool_keep_inputs)
     dedup = sum(r["tokens"] for r in records if r["cached"])
     if dedup:

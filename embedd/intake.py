@@ -18,12 +18,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
 from embedd.batchlines import encode_request_line
+from embedd.crashpoints import crash_point
 from embedd.documents import Record, parse_document
 from embedd.errors import InputRejected
 from embedd.outbox import write_failure
@@ -78,13 +80,19 @@ async def claim(rt: Runtime, entry: Entry) -> bool:
         await rt.store.forget_claim(job)
         return False
     await asyncio.to_thread(_fsync_both, entry.path.parent, rt.paths.work)
+    crash_point("after_claim")
     rt.log.info("file.claimed", file=entry.name, job=job, lane=entry.lane, kind=entry.kind)
     await process_claimed(rt, job, entry.name, entry.lane)
     return True
 
 
 async def resume_claims(rt: Runtime) -> None:
-    """Finish claims a crash interrupted (files still in state `claiming`)."""
+    """Finish claims a crash interrupted (files still in state `claiming`).
+
+    Runs first at start-up, before any stage writes to the spool, so it is also where
+    the hidden temp files of writes a kill interrupted are swept away.
+    """
+    await asyncio.to_thread(sweep_stale_temps, rt)
     for row in await rt.store.files_in("claiming"):
         job, name, lane = row["job"], row["name"], row["lane"]
         work = rt.paths.work / job
@@ -98,6 +106,28 @@ async def resume_claims(rt: Runtime) -> None:
                 continue
         rt.log.info("file.claim_resumed", file=name, job=job)
         await process_claimed(rt, job, name, lane)
+
+
+# `spool.atomic_write` stages every result and error file as `.NAME.tmp-XXXXXXXX`.
+_STALE_TEMP = re.compile(r"\..+\.tmp-[0-9a-f]{8}")
+
+
+def sweep_stale_temps(rt: Runtime) -> None:
+    """Remove temp files a kill left in outbox/ and failed/ half-written.
+
+    Only at start-up: no write is in progress then, so every such file is stale.
+    Those folders are the daemon's own; a producer's dot file never gets there
+    (inbox dot files are never claimed).
+    """
+    for folder in (rt.paths.outbox, rt.paths.failed):
+        removed = False
+        for entry in os.scandir(folder):
+            if _STALE_TEMP.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                Path(entry.path).unlink()
+                removed = True
+                rt.log.info("spool.stale_temp_removed", folder=folder.name, file=entry.name)
+        if removed:
+            fsync_dir(folder)
 
 
 async def process_claimed(rt: Runtime, job: str, name: str, lane: str) -> None:

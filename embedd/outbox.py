@@ -30,6 +30,8 @@ import numpy as np
 import numpy.typing as npt
 from numpy.lib import format as npy_format
 
+from embedd.cost import dumps_document
+from embedd.crashpoints import crash_point
 from embedd.errors import InputRejected
 from embedd.spool import (
     SpoolPaths,
@@ -57,7 +59,8 @@ def _job_of(path: Path) -> str | None:
 
 def _json_bytes(doc: dict[str, Any]) -> bytes:
     # ASCII escapes keep names that are not valid UTF-8 (surrogate escapes) writable
-    return (json.dumps(doc, indent=2, allow_nan=False) + "\n").encode("ascii")
+    # Money (`Decimal`, a manifest's cost_usd) is written exactly, never as a float.
+    return (dumps_document(doc) + "\n").encode("ascii")
 
 
 def _with_job(doc: dict[str, Any], job: str, what: str) -> dict[str, Any]:
@@ -117,6 +120,7 @@ def write_result(
             atomic_write(paths.outbox, manifest_path.name, _json_bytes(doc), replace=False)
         except FileExistsError:
             continue  # appeared meanwhile; try the next name
+        crash_point("during_outbox_write")
         atomic_write(paths.outbox, npy.name, _npy_writer(array), replace=False)
         return npy
     raise FileExistsError(f"no free name for the result of {name} in {paths.outbox}")

@@ -16,7 +16,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, TextIO
 
-from embedd.cost import parse_line
+from embedd.budget import period_start
+from embedd.cost import LedgerEntry, format_ts, format_usd, parse_line
 
 BAR = 24
 
@@ -73,12 +74,7 @@ def gather(
                 "ORDER BY f.claimed_at LIMIT 50"
             )
         ]
-        today = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d")
-        spent = Decimal(0)
-        for (line,) in conn.execute(
-            "SELECT line FROM ledger WHERE ts >= ? AND kind != 'alert'", (today,)
-        ):
-            spent += parse_line(line).cost_usd  # type: ignore[union-attr]
+        spent_today, spent_month = _spend(conn, now)
     daemon = facts.get("daemon") or {}
     client = facts.get("client") or {}
     return {
@@ -90,9 +86,41 @@ def gather(
         "breaker": client.get("breaker"),
         "paused": (facts.get("paused") or {}).get("reason"),
         "queue_limit": facts.get("queue_limit"),
-        "spend_today_usd": str(spent),
-        "budget": budget,
+        "spend_today_usd": format_usd(spent_today),
+        "spend_month_usd": format_usd(spent_month),
+        "budget": _budget(facts.get("budget"), budget, now),
     }
+
+
+def _spend(conn: sqlite3.Connection, now: float) -> tuple[Decimal, Decimal]:
+    """Billed spend of the UTC day and month of `now`, exact, from the ledger rows."""
+    at = datetime.fromtimestamp(now, UTC)
+    day = format_ts(period_start(at, "daily"))
+    month = format_ts(period_start(at, "monthly"))
+    today = this_month = Decimal(0)
+    for (line,) in conn.execute(
+        "SELECT line FROM ledger WHERE ts >= ? AND kind != 'alert'", (month,)
+    ):
+        entry = parse_line(line)
+        if isinstance(entry, LedgerEntry):
+            this_month += entry.cost_usd
+            if format_ts(entry.ts) >= day:
+                today += entry.cost_usd
+    return today, this_month
+
+
+def _budget(fact: object, limits: dict[str, Any] | None, now: float) -> dict[str, Any] | None:
+    """The budget as the daemon last saw it; `limits` (from the config) win over the
+    fact's. A hold whose end has passed is not shown: the daemon resumes at rollover."""
+    merged: dict[str, Any] = dict(fact) if isinstance(fact, dict) else {}
+    merged.update({k: v for k, v in (limits or {}).items() if v is not None})
+    if not merged.get("daily_usd") and not merged.get("monthly_usd"):
+        return None
+    until = merged.get("paused_until")
+    if not isinstance(until, str) or datetime.fromisoformat(until).timestamp() <= now:
+        merged["held_by"] = None
+        merged["paused_until"] = None
+    return merged
 
 
 def _bar(done: int, total: int) -> str:
@@ -118,9 +146,16 @@ def render(data: dict[str, Any], *, bars: bool = False) -> str:
         out.append(f"breaker:  {breaker.get('state', '?')}")
     if data.get("paused"):
         out.append(f"PAUSED:   {data['paused']}")
-    out.append(f"spent today: ${data['spend_today_usd']}")
-    if data.get("budget"):
-        out.append(f"budget:   {data['budget']}")
+    budget = data.get("budget") or {}
+    out.append(
+        f"spent:    today ${data['spend_today_usd']}{_of(budget.get('daily_usd'), 'daily')}, "
+        f"this month ${data['spend_month_usd']}{_of(budget.get('monthly_usd'), 'monthly')}"
+    )
+    if budget.get("held_by"):
+        out.append(
+            f"PAUSED:   by the {budget['held_by']} budget until {budget['paused_until']} "
+            "(work is kept and submitted after the rollover)"
+        )
     if data["batches"]:
         out.append("")
         out.append("batches in flight:")
@@ -142,6 +177,10 @@ def render(data: dict[str, Any], *, bars: bool = False) -> str:
             )
             out.append(f"  {f['name']:<32} {f['lane']:<5} {f['state']:<8} {progress}")
     return "\n".join(out)
+
+
+def _of(limit: object, which: str) -> str:
+    return f" of ${limit} {which} budget" if limit else ""
 
 
 def _fmt(counts: dict[str, int], order: tuple[str, ...]) -> str:

@@ -189,13 +189,19 @@ class Store:
     async def open(cls, path: Path) -> Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         db = await aiosqlite.connect(path, isolation_level=None)
-        db.row_factory = aiosqlite.Row
-        store = cls(db, path)
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=FULL")
-        await db.execute("PRAGMA foreign_keys=ON")
-        await db.execute("PRAGMA busy_timeout=10000")
-        await store._migrate()
+        try:
+            db.row_factory = aiosqlite.Row
+            store = cls(db, path)
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA synchronous=FULL")
+            await db.execute("PRAGMA foreign_keys=ON")
+            await db.execute("PRAGMA busy_timeout=10000")
+            await store._migrate()
+        except BaseException:
+            # aiosqlite's worker thread is not a daemon: a connection left open here
+            # would keep the process alive after the error is reported.
+            await db.close()
+            raise
         return store
 
     async def close(self) -> None:
@@ -219,13 +225,25 @@ class Store:
     async def transaction(self) -> AsyncIterator[_Tx]:
         """`BEGIN IMMEDIATE` … `COMMIT`, rolled back on any error or cancellation."""
         async with self._lock:
-            await self._db.execute("BEGIN IMMEDIATE")
             try:
+                # A statement handed to aiosqlite runs even if its caller is cancelled,
+                # so a cancelled BEGIN (or COMMIT) may still take effect: every path out
+                # of here with an error queues a ROLLBACK behind it.
+                await asyncio.shield(self._db.execute("BEGIN IMMEDIATE"))
                 yield _Tx(self._db)
+                await asyncio.shield(self._db.execute("COMMIT"))
             except BaseException:
-                await asyncio.shield(self._db.execute("ROLLBACK"))
+                await self._rollback()
                 raise
-            await asyncio.shield(self._db.execute("COMMIT"))
+
+    async def _rollback(self) -> None:
+        try:
+            await asyncio.shield(self._db.execute("ROLLBACK"))
+        except sqlite3.OperationalError:
+            # Nothing was open (BEGIN failed, or a cancelled COMMIT completed after all);
+            # anything else is a real failure.
+            if self._db.in_transaction:
+                raise
 
     async def _all(self, sql: str, params: Sequence[Any] = ()) -> list[aiosqlite.Row]:
         async with self._lock, self._db.execute(sql, params) as cur:

@@ -22,6 +22,7 @@ from typing import Any
 
 from embedd.batchlines import encode_request_line
 from embedd.budgeting import submission_allowed
+from embedd.crashpoints import crash_point
 from embedd.errors import (
     APIPermanentError,
     EmbeddError,
@@ -68,6 +69,7 @@ async def reconcile(rt: Runtime) -> None:
     for shard, row in open_shards.items():
         if shard in batches:
             batch = batches[shard]
+            crash_point("during_recovery")  # found at OpenAI, not yet recorded here
             if row["state"] == "planned":
                 await rt.store.move_shard(shard, "uploaded", file_id=batch["input_file_id"])
             await _record_submitted(rt, shard, batch)
@@ -201,9 +203,11 @@ async def advance(rt: Runtime, shard: str) -> None:
         if row["state"] == "planned":
             uploaded = await rt.client.upload_file(path, upload_name(shard))
             file_id = uploaded["id"]
+            crash_point("after_upload")
             await rt.store.move_shard(shard, "uploaded", file_id=file_id)
             rt.log.info("shard.uploaded", shard=shard, file_id=file_id)
         batch = await rt.client.create_batch(file_id, {METADATA_KEY: shard})
+        crash_point("after_batch_create")
     except APIPermanentError as exc:
         # The API refuses this file for good (it should not: we validate every line).
         # Count it against the requests' retries so a poison request ends in failed/.

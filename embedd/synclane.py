@@ -13,9 +13,8 @@ without a ledger line; the batch lane has no such window.
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
 
-from embedd.accounting import flush_ledger
+from embedd.accounting import flush_ledger, ledger_time
 from embedd.batchlines import BadVector, decode_embedding
 from embedd.budgeting import submission_allowed
 from embedd.cost import entry_row, make_entry
@@ -118,7 +117,7 @@ async def call(rt: Runtime, group: list[Pending]) -> None:
         dedup_tokens=0,
         emulated=rt.emulated,
         prices=rt.prices,
-        now=datetime.now(UTC),
+        now=ledger_time(rt),
     )
     await rt.store.apply_results(
         shard=None,

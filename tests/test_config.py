@@ -279,7 +279,7 @@ def test_relative_paths_resolve_against_the_config_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A relative spool root or state dir is relative to the config file, not the cwd."""
-    path = write(tmp_path / "etc", '[spool]\nroot = "data/spool"\nstate_dir = "db"\n')
+    write(tmp_path / "etc", '[spool]\nroot = "data/spool"\nstate_dir = "db"\n')
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)

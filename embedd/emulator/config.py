@@ -16,7 +16,10 @@ class EmulatorConfig:
     temporary directory removed at shutdown. The three durations time the batch walk
     (0 makes it instant). ``enqueued_token_limit`` fails new batches whose tokens would
     push the tokens of batches in flight over it. ``rpm``/``tpm`` enforce one-minute
-    windows on ``POST /v1/embeddings``. ``faults`` is a fault script (see
+    windows on ``POST /v1/embeddings``; ``rate_window_s`` enforces them in shorter
+    slices instead (OpenAI documents that a per-minute limit may be enforced as a
+    per-second one): each slice allows its share, ``limit * rate_window_s / 60``,
+    while the headers keep reporting the per-minute limit. ``faults`` is a fault script (see
     :mod:`embedd.emulator.faults`); ``seed`` makes random faults and output order
     reproducible.
     """
@@ -29,5 +32,6 @@ class EmulatorConfig:
     enqueued_token_limit: int | None = None
     rpm: int | None = None
     tpm: int | None = None
+    rate_window_s: float = 60.0
     faults: Mapping[str, Any] | None = None
     seed: int = 0

@@ -33,6 +33,7 @@ _CHUNK = 1024 * 1024
 _BATCH_KEYS = frozenset(
     {"input_file_id", "endpoint", "completion_window", "metadata", "output_expires_after"}
 )
+_MIN_EXPIRY_S, _MAX_EXPIRY_S = 3600, 30 * 24 * 3600
 _ENDPOINTS = frozenset(
     {
         "/v1/responses",
@@ -212,6 +213,23 @@ def _check_metadata(raw: Any) -> dict[str, str] | None:
     return dict(raw)
 
 
+def _check_expiry(raw: Any) -> None:
+    """``output_expires_after``: ``{"anchor": "created_at", "seconds": 3600..2592000}``."""
+    if not isinstance(raw, dict) or set(raw) != {"anchor", "seconds"}:
+        raise invalid_value("output_expires_after")
+    if raw["anchor"] != "created_at":
+        raise invalid_value("output_expires_after.anchor")
+    seconds = raw["seconds"]
+    if not isinstance(seconds, int) or isinstance(seconds, bool):
+        raise invalid_value("output_expires_after.seconds")
+    if not _MIN_EXPIRY_S <= seconds <= _MAX_EXPIRY_S:
+        raise invalid(
+            "Invalid 'output_expires_after.seconds': must be between "
+            f"{_MIN_EXPIRY_S} and {_MAX_EXPIRY_S}.",
+            param="output_expires_after.seconds",
+        )
+
+
 def _in_flight_tokens(emu: Emulator, now: float) -> int:
     return sum(
         rec.tokens
@@ -237,6 +255,8 @@ async def create_batch(request: web.Request) -> web.StreamResponse:
     if body["completion_window"] != "24h":
         raise invalid_value("completion_window")
     metadata = _check_metadata(body.get("metadata"))
+    if "output_expires_after" in body:
+        _check_expiry(body["output_expires_after"])
     meta = emu.store.files.get(body["input_file_id"])
     if meta is None:
         raise not_found("such file", body["input_file_id"], param="input_file_id")

@@ -57,8 +57,8 @@ class Emulator:
             root = Path(config.data_dir)
         self.store = Store(root)
         self.faults = FaultPlan(config.faults, config.seed)
-        self.rpm = RateWindow(config.rpm or _NOMINAL_RPM, enforced=config.rpm is not None)
-        self.tpm = RateWindow(config.tpm or _NOMINAL_TPM, enforced=config.tpm is not None)
+        self.rpm = _window(config.rpm, _NOMINAL_RPM, config.rate_window_s)
+        self.tpm = _window(config.tpm, _NOMINAL_TPM, config.rate_window_s)
         self.counters: Counter[str] = Counter()
         self.by_endpoint: Counter[str] = Counter()
         self.by_metadata: Counter[str] = Counter()
@@ -85,6 +85,18 @@ class Emulator:
         self.stopping.set()
         if self._tmp is not None:
             self._tmp.cleanup()
+
+
+def _window(per_minute: int | None, nominal: int, window_s: float) -> RateWindow:
+    """A limit per minute enforced in ``window_s`` slices of its pro-rata share."""
+    limit = per_minute or nominal
+    share = max(1, math.floor(limit * window_s / 60.0))
+    return RateWindow(share, enforced=per_minute is not None, window_s=window_s)
+
+
+def per_minute(window: RateWindow) -> int:
+    """The per-minute limit a window stands for, as OpenAI's headers state it."""
+    return round(window.limit * 60.0 / window.window_s)
 
 
 EMULATOR_KEY = web.AppKey("emulator", Emulator)
@@ -224,10 +236,10 @@ async def read_json(request: web.Request) -> Any:
 
 def _limit_headers(emu: Emulator, now: float) -> dict[str, str]:
     return {
-        "x-ratelimit-limit-requests": str(emu.rpm.limit),
+        "x-ratelimit-limit-requests": str(per_minute(emu.rpm)),
         "x-ratelimit-remaining-requests": str(emu.rpm.remaining(now)),
         "x-ratelimit-reset-requests": format_duration(emu.rpm.reset_in(now)),
-        "x-ratelimit-limit-tokens": str(emu.tpm.limit),
+        "x-ratelimit-limit-tokens": str(per_minute(emu.tpm)),
         "x-ratelimit-remaining-tokens": str(emu.tpm.remaining(now)),
         "x-ratelimit-reset-tokens": format_duration(emu.tpm.reset_in(now)),
     }
@@ -244,7 +256,7 @@ def _rate_limited(
     return ApiError(
         429,
         f"Rate limit reached for {model} in organization org-emulator on {label}: "
-        f"Limit {window.limit}, Used {window.used}, Requested {requested}. Please try again "
+        f"Limit {per_minute(window)}, Used {window.used}, Requested {requested}. Please try again "
         f"in {format_duration(wait)}. Visit https://platform.openai.com/account/rate-limits "
         "to learn more.",
         type_=what,

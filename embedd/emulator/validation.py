@@ -98,10 +98,11 @@ def _materialise(item: str | list[int]) -> tuple[str, int]:
         raise invalid_value("input") from None
 
 
-def _dimensions(model: str, raw: Any) -> int:
+def _dimensions(model: str, body: dict[str, Any]) -> int:
     native = MODELS[model]
-    if raw is None:
+    if "dimensions" not in body:
         return native
+    raw = body["dimensions"]
     if model in FIXED_DIMENSION_MODELS:
         raise invalid("This model does not support specifying dimensions.", param="dimensions")
     if not _is_int(raw):
@@ -135,12 +136,13 @@ def parse_embedding_request(body: Any) -> EmbeddingRequest:
         raise model_not_found(model)
     if "input" not in body:
         raise invalid("'input' is a required property", param="input")
-    fmt = body.get("encoding_format") or "float"
+    # An optional field that is present must have its type: null is not "absent".
+    fmt = body.get("encoding_format", "float")
     if fmt not in ("float", "base64"):
         raise invalid_value("encoding_format")
     if "user" in body and not isinstance(body["user"], str):
         raise invalid_value("user")
-    dimensions = _dimensions(model, body.get("dimensions"))
+    dimensions = _dimensions(model, body)
     texts: list[str] = []
     tokens: list[int] = []
     for item in _split_input(body["input"]):

@@ -1,0 +1,167 @@
+"""collect: a batch output file to ``.npy``, embedd's path against the common one.
+
+embedd's side is the real code: the collector's slice loop
+(``collector._parse_slice`` → ``batchlines.parse_output_line`` on base64 lines),
+the vectors kept as the bytes the store keeps, then ``delivery._assemble`` and
+``outbox.write_result`` as delivery does. The baseline is what most scripts do
+with the float output: read the whole file, ``json.loads`` every line, put the
+rows in order and hand the nested lists to ``numpy.array``. Both files hold the
+same vectors (the emulator's own batch writer makes the base64 one); each side runs
+in a fresh interpreter so its peak RSS is its own.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embedd.batchlines import encode_request_line
+from embedd.bench.common import MB, documents, peak_rss, run_worker
+from embedd.emulator.output import write_batch_output
+
+SIZES = {"small": 500, "full": 20_000}
+DIMS = 3072
+MODEL = "text-embedding-3-large"
+
+
+def make_files(folder: Path, lines: int, dims: int) -> tuple[Path, Path, Path]:
+    """(request file, base64 output file, float output file) for ``lines`` inputs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    requests = folder / "requests.jsonl"
+    with requests.open("wb") as fh:
+        for i, (_, text) in enumerate(documents(lines, 300)):
+            fh.write(encode_request_line(f"r{i}", text, MODEL, dims))
+    b64 = folder / "output.base64.jsonl"
+    write_batch_output(
+        batch_id="batch_bench", input_path=requests, output_path=b64,
+        error_path=folder / "errors.jsonl", done=lines, unfinished_code="batch_expired",
+        failed_line_rate=0.0, failed_line_status=500, seed=6, stop=threading.Event(),
+    )  # fmt: skip
+    floats = folder / "output.float.jsonl"
+    with b64.open("rb") as src, floats.open("w") as dst:
+        for line in src:
+            obj = json.loads(line)
+            item = obj["response"]["body"]["data"][0]
+            vector = np.frombuffer(base64.b64decode(item["embedding"]), dtype="<f4")
+            # The float API answers with about 9 significant digits per number.
+            item["embedding"] = [float(f"{x:.9g}") for x in vector.tolist()]
+            dst.write(json.dumps(obj, separators=(",", ":")) + "\n")
+    return requests, b64, floats
+
+
+def _order(requests: Path) -> dict[str, int]:
+    with requests.open("rb") as fh:
+        return {json.loads(line)["custom_id"]: i for i, line in enumerate(fh)}
+
+
+@dataclass(frozen=True)
+class _Dimensions:
+    openai_dimensions: int
+
+
+@dataclass(frozen=True)
+class _AssembleContext:
+    """What ``delivery._assemble`` reads of a Runtime: the configured dimensions."""
+
+    settings: _Dimensions
+
+
+def embedd_side(args: dict[str, Any]) -> dict[str, Any]:
+    """Worker: base64 lines in slices → store-shaped pieces → assembled → written .npy."""
+    from embedd.collector import _parse_slice
+    from embedd.delivery import _assemble
+    from embedd.outbox import write_result
+    from embedd.spool import SpoolPaths
+
+    order = _order(Path(args["requests"]))
+    dims = int(args["dims"])
+    paths = SpoolPaths.from_root(Path(args["spool"]))
+    paths.outbox.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    pieces: list[dict[str, Any]] = []
+    with Path(args["output"]).open("rb") as fh:
+        while results := _parse_slice(fh, dims):
+            for r in results:
+                assert r.vector is not None, r.error_message
+                vector = r.vector.astype("<f4").tobytes()
+                pieces.append(
+                    {"idx": order[r.custom_id], "vector": vector, "origin": "b", "tokens": r.tokens}
+                )
+    matrix, _, _ = _assemble(_AssembleContext(_Dimensions(dims)), len(order), pieces)  # type: ignore[arg-type]
+    npy = write_result(paths, "bench.jsonl", "job_bench", matrix, {"source": "bench.jsonl"})
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_rss": peak_rss(), "npy": str(npy)}
+
+
+def baseline_side(args: dict[str, Any]) -> dict[str, Any]:
+    """Worker: the whole float-JSON file in memory, json.loads, numpy.array, numpy.save."""
+    order = _order(Path(args["requests"]))
+    out = Path(args["spool"]) / "baseline.npy"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    data = Path(args["output"]).read_bytes()
+    rows = [json.loads(line) for line in data.splitlines() if line.strip()]
+    rows.sort(key=lambda row: order[row["custom_id"]])
+    matrix = np.array(
+        [row["response"]["body"]["data"][0]["embedding"] for row in rows], dtype=np.float32
+    )
+    np.save(out, matrix)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_rss": peak_rss(), "npy": str(out)}
+
+
+def idle_side(args: dict[str, Any]) -> dict[str, Any]:
+    """Worker: import what both sides import and nothing else (the RSS floor)."""
+    import embedd.collector
+    import embedd.delivery
+
+    del embedd
+
+    return {"peak_rss": peak_rss()}
+
+
+def run(size: str, work: Path) -> dict[str, Any]:
+    """Measure both sides on the same vectors; return the figures."""
+    lines = SIZES[size]
+    requests, b64, floats = make_files(work / "files", lines, DIMS)
+    embedd = run_worker(
+        "collect.embedd",
+        {"requests": str(requests), "output": str(b64), "dims": DIMS, "spool": str(work / "e")},
+    )
+    baseline = run_worker(
+        "collect.baseline",
+        {"requests": str(requests), "output": str(floats), "dims": DIMS, "spool": str(work / "b")},
+    )
+    idle = run_worker("collect.idle", {})
+    a, b = np.load(embedd["npy"]), np.load(baseline["npy"])
+    npy_bytes = Path(embedd["npy"]).stat().st_size
+    figures = {
+        "lines": lines,
+        "dimensions": DIMS,
+        "npy_mb": npy_bytes / MB,
+        "base64_file_mb": b64.stat().st_size / MB,
+        "float_file_mb": floats.stat().st_size / MB,
+        "same_vectors": bool(a.shape == b.shape and np.allclose(a, b, atol=1e-6)),
+        "embedd_s": embedd["seconds"],
+        "baseline_s": baseline["seconds"],
+        "speedup": baseline["seconds"] / embedd["seconds"],
+        "embedd_mb_s": b64.stat().st_size / MB / embedd["seconds"],
+        "baseline_mb_s": floats.stat().st_size / MB / baseline["seconds"],
+        "embedd_rows_s": lines / embedd["seconds"],
+        "baseline_rows_s": lines / baseline["seconds"],
+        "embedd_peak_rss_mb": embedd["peak_rss"] / MB,
+        "baseline_peak_rss_mb": baseline["peak_rss"] / MB,
+        "idle_rss_mb": idle["peak_rss"] / MB,
+        "embedd_rss_over_npy": embedd["peak_rss"] / npy_bytes,
+        "baseline_rss_over_npy": baseline["peak_rss"] / npy_bytes,
+    }
+    for path in (b64, floats, Path(embedd["npy"]), Path(baseline["npy"])):
+        path.unlink()
+    return figures

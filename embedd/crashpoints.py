@@ -1,0 +1,86 @@
+"""Named crash points: a test-only hook that kills the daemon at one chosen step.
+
+`EMBEDD_CRASH_AT=name` (or `name:N`, the N-th time the step is reached) makes the
+process send itself SIGKILL at `crash_point(name)` — no cleanup, no `finally`, no
+flush, exactly what power loss or `kill -9` does there. The crash tests start the
+daemon with it, restart it without, and check that nothing was lost or paid twice.
+
+The points, in pipeline order:
+
+    after_claim            inbox/NAME renamed to work/JOB, not yet parsed or queued
+    after_upload           the shard's file uploaded, its file id not yet recorded
+    after_batch_create     the batch created at OpenAI, its id not yet recorded
+    during_download        the first chunk of a batch's output file on disk, the rest not
+    after_collect_vectors  vectors stored slice by slice, verdicts and ledger row not yet
+    during_outbox_write    NAME.json written, NAME.npy not yet
+    after_outbox_write     NAME.npy written, the input not yet moved to done/
+    during_recovery        start-up reconcile found a shard's batch, has not recorded it
+
+The variable is read once, at import, into a module-level frozen value rather than
+going through `Settings`: it is not configuration a user may set (it kills the
+daemon), it must cost nothing when unset (one comparison with None), and the only
+way to change it is to start a new process — which is precisely how the tests use
+it. The per-point hit counter is process-local state for the same reason.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections import Counter
+from dataclasses import dataclass
+
+ENV = "EMBEDD_CRASH_AT"
+
+POINTS = frozenset(
+    {
+        "after_claim",
+        "after_upload",
+        "after_batch_create",
+        "during_download",
+        "after_collect_vectors",
+        "during_outbox_write",
+        "after_outbox_write",
+        "during_recovery",
+    }
+)
+
+
+@dataclass(frozen=True)
+class CrashSpec:
+    """Kill the process the `nth` time `name` is reached."""
+
+    name: str
+    nth: int = 1
+
+
+def parse_spec(value: str | None) -> CrashSpec | None:
+    """`"name"` or `"name:N"` → a spec; empty → None. An unknown name is an error,
+    so a typo in a test cannot silently turn a crash test into a plain run."""
+    if not value:
+        return None
+    name, _, count = value.partition(":")
+    if name not in POINTS:
+        raise ValueError(f"{ENV}={value!r}: unknown crash point; known: {sorted(POINTS)}")
+    nth = int(count) if count else 1
+    if nth < 1:
+        raise ValueError(f"{ENV}={value!r}: the count must be 1 or more")
+    return CrashSpec(name, nth)
+
+
+_SPEC = parse_spec(os.environ.get(ENV))
+_hits: Counter[str] = Counter()
+
+
+def crash_point(name: str) -> None:
+    """SIGKILL this process here if `EMBEDD_CRASH_AT` names this point (and count)."""
+    if _SPEC is None or _SPEC.name != name:
+        return
+    _hits[name] += 1
+    if _hits[name] < _SPEC.nth:
+        return
+    # One line so the test can tell this death from any other; then die hard.
+    sys.stderr.write(f"embedd: crash point {name} reached (#{_hits[name]}), SIGKILL\n")
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)

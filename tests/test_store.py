@@ -1,0 +1,419 @@
+"""Tests for embedd.store against real SQLite files in tmp_path."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from embedd.errors import FatalError
+from embedd.store import MIGRATIONS, SCHEMA_VERSION, NewRecord, NewRequest, Store
+
+NOW = 1_700_000_000.0
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    """A fresh store on a real file; always closed."""
+    s = await Store.open(tmp_path / "s.sqlite3")
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+def schema(path: Path) -> list[tuple[Any, ...]]:
+    db = sqlite3.connect(path)
+    try:
+        return db.execute(
+            "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name"
+        ).fetchall()
+    finally:
+        db.close()
+
+
+def user_version(path: Path) -> int:
+    db = sqlite3.connect(path)
+    try:
+        return int(db.execute("PRAGMA user_version").fetchone()[0])
+    finally:
+        db.close()
+
+
+def build_to(path: Path, version: int) -> None:
+    """A database at schema `version`, made by plain sqlite3 one migration at a time."""
+    db = sqlite3.connect(path)
+    try:
+        for number in range(version):
+            db.executescript(MIGRATIONS[number])
+            db.execute(f"PRAGMA user_version = {number + 1}")
+    finally:
+        db.close()
+
+
+def peek(path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Read committed rows through a second, independent connection."""
+    db = sqlite3.connect(path)
+    try:
+        return db.execute(sql, params).fetchall()
+    finally:
+        db.close()
+
+
+def request_row(s: Store, key: str) -> tuple[Any, ...] | None:
+    rows = peek(s.path, "SELECT state, attempts, shard, error FROM requests WHERE key = ?", (key,))
+    return rows[0] if rows else None
+
+
+def worker_threads() -> int:
+    return sum("_connection_worker_thread" in t.name for t in threading.enumerate())
+
+
+async def eventually(check: Callable[[], bool], within: float = 5.0) -> None:
+    """Poll `check` until it holds, failing after `within` seconds."""
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+async def add_file(
+    s: Store, job: str, texts: list[str], *, lane: str = "batch", now: float = NOW
+) -> None:
+    """Claim and queue a file with one single-piece record per text (key = 'k:' + text)."""
+    await s.begin_claim(job, f"{job}.jsonl", lane, now)
+    records = [
+        NewRecord(str(i), None, len(t), [(f"k:{t}", len(t))], False) for i, t in enumerate(texts)
+    ]
+    unique = dict.fromkeys(texts)
+    requests = [NewRequest(f"k:{t}", t, len(t), len(t), len(t) + 50) for t in unique]
+    await s.queue_file(
+        job, sha256="0" * 64, size=100, records=records, requests=requests, lane=lane, now=now
+    )
+
+
+async def plan(s: Store, shard: str, keys: list[str], qtokens: int = 10) -> None:
+    await s.create_shard(
+        shard, path=Path(f"{shard}.jsonl"), keys=keys, nbytes=1, tokens=1, qtokens=qtokens, now=NOW
+    )
+
+
+async def apply(s: Store, **changes: Any) -> None:
+    """apply_results with nothing to do except what the test names."""
+    args: dict[str, Any] = {
+        "shard": None,
+        "vectors": [],
+        "origin": "test",
+        "retry": [],
+        "fail": [],
+        "requeue": [],
+        "max_retries": 2,
+        "ledger": None,
+        "now": NOW,
+    }
+    args.update(changes)
+    await s.apply_results(**args)
+
+
+# ---- schema and migrations ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("start", range(SCHEMA_VERSION + 1))
+async def test_migrated_schema_equals_fresh_schema(tmp_path: Path, start: int) -> None:
+    """A database migrated from any older version ends up exactly like one built fresh."""
+    reference = tmp_path / "reference.sqlite3"
+    build_to(reference, SCHEMA_VERSION)
+    old = tmp_path / "old.sqlite3"
+    build_to(old, start)
+    migrated = await Store.open(old)
+    await migrated.close()
+    fresh = await Store.open(tmp_path / "fresh.sqlite3")
+    await fresh.close()
+    assert schema(old) == schema(reference)
+    assert schema(tmp_path / "fresh.sqlite3") == schema(reference)
+    assert user_version(old) == user_version(tmp_path / "fresh.sqlite3") == SCHEMA_VERSION
+
+
+async def test_newer_database_is_refused_and_released(tmp_path: Path) -> None:
+    """A database from a newer embedd raises FatalError and leaves no connection behind."""
+    path = tmp_path / "s.sqlite3"
+    build_to(path, SCHEMA_VERSION)
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+    before = worker_threads()
+    with pytest.raises(FatalError, match="newer than this embedd"):
+        await Store.open(path)
+    await eventually(lambda: worker_threads() <= before)
+    assert user_version(path) == SCHEMA_VERSION + 1
+
+
+@pytest.mark.parametrize(
+    "insert",
+    [
+        "INSERT INTO files (job, name, lane, state, claimed_at) VALUES ('j', 'n', 'batch', {}, 0)",
+        "INSERT INTO requests (key, input, tokens, qtokens, nbytes, lane, state, queued_at) "
+        "VALUES ('k', 't', 1, 1, 1, 'batch', {}, 0)",
+        "INSERT INTO shards (id, state, path, lines, bytes, tokens, qtokens, created_at) "
+        "VALUES ('s', {}, 'p', 1, 1, 1, 1, 0)",
+    ],
+    ids=["files", "requests", "shards"],
+)
+async def test_check_constraints_reject_unknown_states(tmp_path: Path, insert: str) -> None:
+    """The schema refuses a state its table does not list, and accepts one it does."""
+    path = tmp_path / "s.sqlite3"
+    await (await Store.open(path)).close()
+    db = sqlite3.connect(path)
+    try:
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+            db.execute(insert.format("'lost'"))
+        other_tables_state = "'collecting'" if "files" in insert else "'claiming'"
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+            db.execute(insert.format(other_tables_state))
+        db.execute(insert.format("'planned'" if "shards" in insert else "'failed'"))
+    finally:
+        db.close()
+
+
+# ---- files ------------------------------------------------------------------------------
+
+
+async def test_move_file_follows_the_table(store: Store) -> None:
+    """A file moves only along listed transitions; an illegal move changes nothing."""
+    await store.begin_claim("job1", "a.txt", "batch", NOW)
+    assert not await store.move_file("job1", "done")
+    assert not await store.move_file("job1", "writing")
+    row = await store.file("job1")
+    assert row is not None
+    assert row["state"] == "claiming"
+    assert await store.move_file("job1", "queued")
+    assert await store.move_file("job1", "writing")
+    assert await store.move_file("job1", "done", completed_at=NOW + 5, result="{}")
+    assert not await store.move_file("job1", "failed", reason="late")
+    assert not await store.move_file("job1", "claiming")
+    row = await store.file("job1")
+    assert row is not None
+    assert (row["state"], row["completed_at"], row["reason"]) == ("done", NOW + 5, None)
+    assert not await store.move_file("no-such-job", "queued")
+
+
+async def test_shared_text_makes_one_request(store: Store) -> None:
+    """Two files with the same text queue one request, which both files' pieces point to."""
+    await add_file(store, "job1", ["hello", "world"])
+    await add_file(store, "job2", ["world", "again"], now=NOW + 1)
+    pending = await store.pending("batch", 100)
+    assert [p.key for p in pending] == ["k:hello", "k:world", "k:again"]
+    assert (await store.counts())["requests"] == {"pending": 3}
+    assert [p["key"] for p in await store.file_pieces("job2")] == ["k:world", "k:again"]
+
+
+async def test_embedded_text_makes_no_request(store: Store) -> None:
+    """A text whose vector is stored already is not queued again and its file is ready."""
+    await store.add_vectors([("k:hello", b"\x00" * 8, 1)], origin="test", now=NOW)
+    await add_file(store, "job1", ["hello"])
+    assert await store.pending("batch", 100) == []
+    assert (await store.counts())["requests"] == {}
+    assert [r["job"] for r in await store.ready_files()] == ["job1"]
+
+
+async def test_failed_text_is_retried_for_a_new_file(store: Store) -> None:
+    """A text that failed before gets a fresh request, with a clean count, for a new file."""
+    await add_file(store, "job1", ["hello"])
+    await apply(store, fail=[("k:hello", "invalid input")])
+    await add_file(store, "job2", ["hello"], now=NOW + 1)
+    assert request_row(store, "k:hello") == ("pending", 0, None, None)
+
+
+async def test_known_keys_are_embedded_or_queued(store: Store) -> None:
+    """known_keys finds stored vectors and live requests, not failed or unknown keys."""
+    await add_file(store, "job1", ["queued", "failing"])
+    await apply(store, fail=[("k:failing", "bad")])
+    many = [f"k:v{i}" for i in range(1200)]  # more than one SQL chunk of 500
+    await store.add_vectors([(k, b"\x00" * 8, 1) for k in many], origin="test", now=NOW)
+    asked = ["k:queued", "k:failing", "k:unknown", *many, "k:queued"]
+    assert await store.known_keys(asked) == {"k:queued", *many}
+    assert await store.known_keys([]) == set()
+
+
+async def test_ready_files_waits_for_every_piece(store: Store) -> None:
+    """A file is ready only when each piece has a vector or a request that failed for good."""
+    await add_file(store, "job1", ["one", "two"])
+    await store.begin_claim("job2", "b.txt", "batch", NOW)  # claiming: never ready
+    assert await store.ready_files() == []
+    await store.add_vectors([("k:one", b"\x01" * 8, 3)], origin="test", now=NOW)
+    assert await store.ready_files() == []
+    await plan(store, "shard1", ["k:two"])
+    await apply(store, retry=[("k:two", "HTTP 500")], max_retries=1)
+    assert await store.ready_files() == []  # re-queued, not yet failed
+    await apply(store, fail=[("k:two", "invalid input")])
+    assert [r["job"] for r in await store.ready_files()] == ["job1"]
+    pieces = await store.file_pieces("job1")
+    assert [(p["key"], p["vector"] is not None, p["rstate"]) for p in pieces] == [
+        ("k:one", True, "done"),
+        ("k:two", False, "failed"),
+    ]
+
+
+# ---- requests, shards, results ------------------------------------------------------
+
+
+async def test_move_shard_follows_the_table(store: Store) -> None:
+    """A shard moves only along listed transitions; an illegal move changes nothing."""
+    await add_file(store, "job1", ["a"])
+    await plan(store, "shard1", ["k:a"])
+    assert not await store.move_shard("shard1", "submitted")
+    assert not await store.move_shard("shard1", "collected")
+    assert [r["state"] for r in await store.shards_in("planned")] == ["planned"]
+    assert await store.move_shard("shard1", "uploaded", file_id="file-1")
+    assert await store.move_shard("shard1", "submitted", batch_id="batch_1")
+    assert not await store.move_shard("shard1", "abandoned")
+    assert await store.move_shard("shard1", "collecting")
+    assert await store.move_shard("shard1", "collected")
+    assert not await store.move_shard("shard1", "planned")
+    rows = await store.shards_in("collected")
+    assert [(r["id"], r["file_id"], r["batch_id"]) for r in rows] == [
+        ("shard1", "file-1", "batch_1")
+    ]
+
+
+async def test_retries_are_counted_until_max_retries(store: Store) -> None:
+    """A retryable failure re-queues a request max_retries times; the next one fails it."""
+    await add_file(store, "job1", ["a"])
+    for attempt in (1, 2):
+        await plan(store, f"shard{attempt}", ["k:a"])
+        await apply(store, retry=[("k:a", f"HTTP 500 #{attempt}")], max_retries=2)
+        assert request_row(store, "k:a") == ("pending", attempt, None, f"HTTP 500 #{attempt}")
+    await plan(store, "shard3", ["k:a"])
+    await apply(store, retry=[("k:a", "HTTP 500 #3")], max_retries=2)
+    assert request_row(store, "k:a") == ("failed", 3, None, "HTTP 500 #3")
+
+
+async def test_requeue_does_not_count_as_a_retry(store: Store) -> None:
+    """Work sent back because its batch expired or hit the queue limit keeps its retry count."""
+    await add_file(store, "job1", ["a"])
+    for n in range(5):
+        await plan(store, f"shard{n}", ["k:a"])
+        assert request_row(store, "k:a") == ("planned", 0, f"shard{n}", None)
+        await apply(store, requeue=["k:a"], max_retries=0)
+    assert request_row(store, "k:a") == ("pending", 0, None, None)
+
+
+async def test_fail_is_final(store: Store) -> None:
+    """A permanent failure fails the request with its reason; later results do not revive it."""
+    await add_file(store, "job1", ["a"])
+    await plan(store, "shard1", ["k:a"])
+    await apply(store, fail=[("k:a", "invalid input")])
+    await apply(store, retry=[("k:a", "HTTP 500")], requeue=["k:a"])
+    await store.add_vectors([("k:a", b"\x00" * 8, 1)], origin="late", now=NOW)
+    assert request_row(store, "k:a") == ("failed", 0, None, "invalid input")
+
+
+async def test_results_collect_the_shard_and_write_one_ledger_row(store: Store) -> None:
+    """Applying a batch marks the shard collected; the same ledger id twice is one row."""
+    await add_file(store, "job1", ["a", "b"])
+    await plan(store, "shard1", ["k:a", "k:b"])
+    for state in ("uploaded", "submitted", "collecting"):
+        assert await store.move_shard("shard1", state)
+    ledger = ("batch_1", "2026-01-01T00:00:00Z", "batch", '{"kind": "batch"}')
+    vectors = [("k:a", b"\x01" * 8, 1), ("k:b", b"\x02" * 8, 1)]
+    for _ in range(2):
+        await apply(store, shard="shard1", vectors=vectors, ledger=ledger)
+    assert [tuple(r) for r in await store.unwritten_ledger()] == [(*ledger, 0)]
+    assert [r["state"] for r in await store.shards_in("collected")] == ["collected"]
+    assert (await store.counts())["requests"] == {"done": 2}
+    await store.add_ledger(*ledger)
+    await store.mark_ledger_written("batch_1")
+    assert await store.unwritten_ledger() == []
+
+
+async def test_add_vectors_is_idempotent(store: Store) -> None:
+    """Storing a vector twice keeps the first and one row; its request is done."""
+    await add_file(store, "job1", ["a"])
+    await store.add_vectors([("k:a", b"\x01" * 8, 4)], origin="first", now=NOW)
+    await store.add_vectors([("k:a", b"\x02" * 8, 5)], origin="second", now=NOW + 1)
+    rows = peek(store.path, "SELECT key, vector, tokens, origin FROM vectors")
+    assert rows == [("k:a", b"\x01" * 8, 4, "first")]
+    assert request_row(store, "k:a") == ("done", 0, None, None)
+
+
+async def test_queue_tokens_in_flight_counts_sent_shards_only(store: Store) -> None:
+    """Only uploaded, submitted and collecting shards count against the batch queue."""
+    await add_file(store, "job1", ["a", "b", "c", "d", "e", "f"])
+    path = {
+        "planned": [],
+        "uploaded": ["uploaded"],
+        "submitted": ["uploaded", "submitted"],
+        "collecting": ["uploaded", "submitted", "collecting"],
+        "collected": ["uploaded", "submitted", "collecting", "collected"],
+        "abandoned": ["abandoned"],
+    }
+    for n, (name, steps) in enumerate(path.items()):
+        await plan(store, name, [f"k:{'abcdef'[n]}"], qtokens=10**n)
+        for step in steps:
+            assert await store.move_shard(name, step)
+    assert await store.queue_tokens_in_flight() == 10 + 100 + 1000
+
+
+# ---- transactions ---------------------------------------------------------------------
+
+
+async def test_transaction_rolls_back_on_error(store: Store) -> None:
+    """An exception inside a transaction undoes its writes, and the store stays usable."""
+
+    async def fail_inside() -> None:
+        async with store.transaction() as tx:
+            await tx.execute("INSERT INTO daemon (key, value) VALUES ('a', '1')")
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        await fail_inside()
+    assert await store.facts() == {}
+    await store.set_fact("b", 2)
+    assert await store.facts() == {"b": 2}
+
+
+async def test_cancelled_transaction_commits_nothing(store: Store) -> None:
+    """A task cancelled inside a transaction leaves nothing committed and no lock held."""
+    inside = asyncio.Event()
+
+    async def writer() -> None:
+        async with store.transaction() as tx:
+            await tx.execute("INSERT INTO daemon (key, value) VALUES ('a', '1')")
+            inside.set()
+            await asyncio.Event().wait()  # until cancelled
+
+    task = asyncio.create_task(writer())
+    await asyncio.wait_for(inside.wait(), timeout=5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await store.facts() == {}
+    assert peek(store.path, "SELECT * FROM daemon") == []
+    await store.set_fact("b", 2)
+    assert await store.facts() == {"b": 2}
+
+
+@pytest.mark.parametrize("steps", range(8))
+async def test_cancel_at_any_step_leaves_no_open_transaction(store: Store, steps: int) -> None:
+    """Cancelling a transaction at any point, even during BEGIN, leaves the store usable."""
+
+    async def writer() -> None:
+        async with store.transaction() as tx:
+            await tx.execute("INSERT INTO daemon (key, value) VALUES ('a', '1')")
+            await asyncio.Event().wait()
+
+    task = asyncio.create_task(writer())
+    for _ in range(steps):
+        await asyncio.sleep(0)  # let the task run this many loop steps before the cancel
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.wait_for(store.set_fact("b", 2), timeout=5)
+    assert await store.facts() == {"b": 2}
+    assert peek(store.path, "SELECT key FROM daemon") == [("b",)]
