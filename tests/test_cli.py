@@ -121,6 +121,17 @@ def test_bad_config_exits_78_naming_key_value_and_what_is_allowed(
         assert "Traceback" not in result.stderr
 
 
+def test_bad_environment_override_exits_78_naming_the_variable(tmp_path: Path) -> None:
+    """An EMBEDD_* variable with a bad value is named in the exit-78 message, since that
+    is where the operator must look (not the config file)."""
+    config = config_file(tmp_path, "")
+    env = clean_env(OPENAI_API_KEY=TEST_KEY, EMBEDD_BATCH_MAX_LINES="many")
+    result = embedd("run", "--config", str(config), env=env)
+    assert result.returncode == EX_CONFIG, result.stderr
+    assert "EMBEDD_BATCH_MAX_LINES" in result.stderr
+    assert "many" in result.stderr
+
+
 def test_missing_config_file_named_on_the_command_line_exits_78(tmp_path: Path) -> None:
     """--config naming a file that does not exist is a config error, not a silent default."""
     result = embedd("status", "--config", str(tmp_path / "nope.toml"))

@@ -360,6 +360,26 @@ async def test_queue_tokens_in_flight_counts_sent_shards_only(store: Store) -> N
     assert await store.queue_tokens_in_flight() == 10 + 100 + 1000
 
 
+async def test_release_shard_sends_unsent_work_back(store: Store) -> None:
+    """A shard that was never submitted is abandoned and its requests are pending again."""
+    await add_file(store, "job1", ["a", "b"])
+    await plan(store, "shard1", ["k:a", "k:b"], qtokens=7)
+    assert await store.move_shard("shard1", "uploaded")
+    await store.release_shard("shard1")
+    assert [r["id"] for r in await store.shards_in("abandoned")] == ["shard1"]
+    assert [p.key for p in await store.pending("batch", 10)] == ["k:a", "k:b"]
+    assert await store.queue_tokens_in_flight() == 0
+
+
+async def test_sync_file_takes_shared_pending_work_to_the_sync_lane(store: Store) -> None:
+    """A sync file does not wait for a batch: a shared pending text moves to the sync lane."""
+    await add_file(store, "job1", ["shared", "batch-only"])
+    await add_file(store, "job2", ["shared"], lane="sync", now=NOW + 1)
+    assert [p.key for p in await store.pending("sync", 10)] == ["k:shared"]
+    assert [p.key for p in await store.pending("batch", 10)] == ["k:batch-only"]
+    assert await store.oldest_pending("sync") == NOW
+
+
 # ---- transactions ---------------------------------------------------------------------
 
 
