@@ -234,6 +234,8 @@ def configure_logging(
     # noise next to embedd's own events; their warnings still come through.
     for chatty in ("aiohttp.access", "watchfiles.main"):
         logging.getLogger(chatty).setLevel(max(numeric, logging.WARNING))
+    # aiosqlite logs every statement with its parameters at debug level.
+    logging.getLogger("aiosqlite").setLevel(max(numeric, logging.INFO))
 
     structlog.configure(
         processors=[

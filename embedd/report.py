@@ -290,7 +290,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--until", type=_date, metavar="DATE", help="last UTC day (inclusive)")
     parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
     # Resolved by the embedd CLI before it calls us; accepted so it may be passed through.
-    parser.add_argument("--config", metavar="PATH", help=argparse.SUPPRESS)
+    parser.add_argument("--config", metavar="PATH", help="config file (its spool holds the ledger)")
     return parser
 
 

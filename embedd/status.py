@@ -209,7 +209,7 @@ def status_main(
             stream.write(render(data, bars=watch) + "\n")
         stream.flush()
         if not watch:
-            return 0 if not data.get("error") else 1
+            return 0  # "no database yet" is a state, not a failure, for monitoring scripts
         try:
             time.sleep(interval)
         except KeyboardInterrupt:

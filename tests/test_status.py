@@ -78,7 +78,7 @@ async def test_status_main_prints_json_for_programs(tmp_path: Path) -> None:
 
 
 def test_status_without_a_database_says_so(tmp_path: Path) -> None:
-    """Before the daemon ever ran, status explains there is no database yet (exit 1)."""
+    """Before the daemon ever ran, status explains there is no database yet (exit 0)."""
     out = io.StringIO()
-    assert status_main(tmp_path / "none.sqlite3", as_json=False, watch=False, out=out) == 1
+    assert status_main(tmp_path / "none.sqlite3", as_json=False, watch=False, out=out) == 0
     assert "no state database yet" in out.getvalue()
