@@ -15,6 +15,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
+from decimal import Decimal
 from pathlib import Path
 
 from embedd import __version__
@@ -105,10 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "submit":
             return _submit(settings, [Path(f) for f in args.files], args.sync)
         if args.command == "status":
-            from embedd.status import status_main
-
-            db = settings.spool_state_dir / "embedd.sqlite3"
-            return status_main(db, as_json=args.json, watch=args.watch)
+            return _status(settings, as_json=args.json, watch=args.watch)
     except ConfigError as exc:
         print(f"embedd: configuration error: {exc.message}", file=sys.stderr)
         return EX_CONFIG
@@ -190,6 +188,22 @@ def _submit(settings: Settings, files: list[Path], sync: bool) -> int:
         fsync_dir(target_dir)
         print(dest)
     return code
+
+
+def _status(settings: Settings, *, as_json: bool, watch: bool) -> int:
+    from embedd.cost import format_usd
+    from embedd.status import status_main
+
+    def usd(value: Decimal | None) -> str | None:
+        return None if value is None else format_usd(value)
+
+    budget = {
+        "daily_usd": usd(settings.budget_daily_usd),
+        "monthly_usd": usd(settings.budget_monthly_usd),
+        "action": settings.budget_action,
+    }
+    db = settings.spool_state_dir / "embedd.sqlite3"
+    return status_main(db, as_json=as_json, watch=watch, budget=budget)
 
 
 def _report(argv: list[str]) -> int:

@@ -196,11 +196,19 @@ def _age(seconds: float) -> str:
 
 
 def status_main(
-    db: Path, *, as_json: bool, watch: bool, interval: float = 1.0, out: TextIO | None = None
+    db: Path,
+    *,
+    as_json: bool,
+    watch: bool,
+    interval: float = 1.0,
+    out: TextIO | None = None,
+    budget: dict[str, Any] | None = None,
 ) -> int:
+    """`budget`: the configured limits (`daily_usd`, `monthly_usd`, `action`) to show
+    even before the daemon has checked a submission against them."""
     stream = out or sys.stdout
     while True:
-        data = gather(db)
+        data = gather(db, budget=budget)
         if as_json:
             stream.write(json.dumps(data, indent=2) + "\n")
         else:

@@ -262,3 +262,14 @@ async def test_no_budget_configured_allows_everything_and_records_nothing(
     async with rig(tmp_path) as r:
         assert await submission_allowed(r.rt, 10**12, "batch")
         assert "budget" not in await r.rt.store.facts()
+
+
+async def test_status_shows_configured_limits_before_any_check(tmp_path: Path) -> None:
+    """Limits passed from the config show in status even before the daemon has
+    checked a submission against them; no hold is shown."""
+    async with rig(tmp_path) as r:
+        db = r.rt.store.path
+    data = gather(db, now=START, budget={"daily_usd": "5", "monthly_usd": None, "action": "warn"})
+    text = render(data)
+    assert "today $0 of $5 daily budget, this month $0" in text
+    assert "PAUSED" not in text

@@ -64,13 +64,6 @@ def limited_emulator() -> Iterator[EmulatorProcess]:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="limiter bug (embedd/limiter.py, not this engineer's file): after a response "
-    "says `remaining` R with reset in D, the bucket keeps refilling at tpm/60 before the "
-    "server's window resets, and in-flight calls are not subtracted from R; measured "
-    "5-8 TPM 429s after warm-up per run. See the issue-3 report.",
-)
 def test_sync_lane_at_five_times_the_limit_gets_no_429_after_warm_up(
     limited_emulator: EmulatorProcess,
     tmp_path: Path,
