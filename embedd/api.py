@@ -203,15 +203,15 @@ class OpenAIClient:
             if outcome.status is not None:
                 self.limiter.update_from_headers(outcome.headers, self._clock())
             if decision is Decision.OK:
-                self.breaker.record_success()
+                self._breaker_outcome(ok=True)
                 return outcome.body
             server_wait = retry_after(outcome.headers, outcome.status, self._wall())
             message = self._describe(op, outcome)
             if decision is Decision.PERMANENT:
-                self.breaker.record_success()  # the server is alive and answering
+                self._breaker_outcome(ok=True)  # the server is alive and answering
                 raise APIPermanentError(message, status=outcome.status, code=code)
             if decision is Decision.PAUSE:
-                self.breaker.record_success()
+                self._breaker_outcome(ok=True)
                 self.paused_reason = message
                 self._log.error("api.paused", op=op, status=outcome.status, reason=message)
                 raise SubmissionPaused(message, status=outcome.status, code=code)
@@ -220,7 +220,7 @@ class OpenAIClient:
             if outcome.status == 429:
                 self.limiter.penalize(server_wait or 1.0, self._clock())
             else:
-                self.breaker.record_failure(self._clock())
+                self._breaker_outcome(ok=False)
             if outcome.ambiguous and before_retry is not None:
                 found = await before_retry(outcome)
                 if found is not None:
@@ -235,6 +235,23 @@ class OpenAIClient:
             self._log.info("api.retry", op=op, attempt=attempt + 1, delay_s=delay, error=message)
             attempt += 1
             await self._sleep(delay)
+
+    def _breaker_outcome(self, *, ok: bool) -> None:
+        """Feed the breaker one outcome; log when that changes its state."""
+        now = self._clock()
+        before = self.breaker.state(now)
+        if ok:
+            self.breaker.record_success()
+        else:
+            self.breaker.record_failure(now)
+        after = self.breaker.state(now)
+        if after != before:
+            self._log.warning(
+                f"breaker.{after}",
+                previous=before,
+                consecutive_failures=self.breaker.consecutive_failures,
+                cooldown_s=self.breaker.cooldown,
+            )
 
     async def _send(
         self,

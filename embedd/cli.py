@@ -12,6 +12,7 @@ import dataclasses
 import os
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -87,11 +88,20 @@ def _parser() -> argparse.ArgumentParser:
         help="fail new batches with token_limit_exceeded past this many tokens in flight",
     )
     emu.add_argument("--seed", type=int, default=0, help="seed for random faults and order")
+    emu.add_argument(
+        "--rate-window",
+        type=float,
+        default=60.0,
+        help="enforce --rpm/--tpm in windows of this many seconds (pro rata; default 60)",
+    )
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["run"]:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _stop_before_start)
     if argv[:1] == ["report"]:
         return _report(argv[1:])
     args = _parser().parse_args(argv)
@@ -135,6 +145,11 @@ def _api_key(settings: Settings) -> str:
         except ConfigError:
             return "sk-emulated-" + secrets.token_hex(16)  # the emulator takes any sk- key
     return load_api_key(settings.openai_api_key_env)
+
+
+def _stop_before_start(signum: int, _frame: object) -> None:
+    # A stop asked for before the event loop takes over signals: nothing is in hand yet.
+    sys.exit(EX_OK)
 
 
 def _run(settings: Settings) -> int:
@@ -240,6 +255,7 @@ def _emulator(args: argparse.Namespace) -> int:
         tpm=args.tpm,
         enqueued_token_limit=args.enqueued_token_limit,
         seed=args.seed,
+        rate_window_s=args.rate_window,
     )
     return main_emulator(args.host, args.port, config)
 

@@ -41,7 +41,7 @@ from embedd.logs import get_logger
 from embedd.retry import RetryPolicy
 from embedd.runtime import Runtime
 from embedd.safety import check_spool_safety
-from embedd.spool import SpoolPaths, check_same_filesystem
+from embedd.spool import SpoolPaths, check_same_filesystem, sweep_stale_temps
 from embedd.store import Store
 from embedd.submitter import reconcile, submit_loop
 from embedd.synclane import sync_loop
@@ -216,6 +216,8 @@ async def _serve(
 
 async def _recover(rt: Runtime) -> None:
     """Finish what a crash interrupted, then reconcile with OpenAI, before READY."""
+    for name in await asyncio.to_thread(sweep_stale_temps, [rt.paths.outbox, rt.paths.failed]):
+        log.info("spool.stale_temp_removed", file=name)
     await resume_claims(rt)
     await flush_ledger(rt)
     await deliver_ready(rt)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import re
 import stat
 from collections.abc import Sequence
 from pathlib import Path
@@ -87,12 +86,7 @@ async def claim(rt: Runtime, entry: Entry) -> bool:
 
 
 async def resume_claims(rt: Runtime) -> None:
-    """Finish claims a crash interrupted (files still in state `claiming`).
-
-    Runs first at start-up, before any stage writes to the spool, so it is also where
-    the hidden temp files of writes a kill interrupted are swept away.
-    """
-    await asyncio.to_thread(sweep_stale_temps, rt)
+    """Finish claims a crash interrupted (files still in state `claiming`)."""
     for row in await rt.store.files_in("claiming"):
         job, name, lane = row["job"], row["name"], row["lane"]
         work = rt.paths.work / job
@@ -106,28 +100,6 @@ async def resume_claims(rt: Runtime) -> None:
                 continue
         rt.log.info("file.claim_resumed", file=name, job=job)
         await process_claimed(rt, job, name, lane)
-
-
-# `spool.atomic_write` stages every result and error file as `.NAME.tmp-XXXXXXXX`.
-_STALE_TEMP = re.compile(r"\..+\.tmp-[0-9a-f]{8}")
-
-
-def sweep_stale_temps(rt: Runtime) -> None:
-    """Remove temp files a kill left in outbox/ and failed/ half-written.
-
-    Only at start-up: no write is in progress then, so every such file is stale.
-    Those folders are the daemon's own; a producer's dot file never gets there
-    (inbox dot files are never claimed).
-    """
-    for folder in (rt.paths.outbox, rt.paths.failed):
-        removed = False
-        for entry in os.scandir(folder):
-            if _STALE_TEMP.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
-                Path(entry.path).unlink()
-                removed = True
-                rt.log.info("spool.stale_temp_removed", folder=folder.name, file=entry.name)
-        if removed:
-            fsync_dir(folder)
 
 
 async def process_claimed(rt: Runtime, job: str, name: str, lane: str) -> None:

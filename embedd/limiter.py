@@ -276,14 +276,7 @@ class Limiter:
                 wait = self.wait_time(requests, tokens, now)
                 if wait <= _EPSILON:
                     break
-                if math.isinf(wait):
-                    self._news.clear()
-                    try:
-                        await asyncio.wait_for(self._news.wait(), _RECHECK_S)
-                    except TimeoutError:
-                        pass
-                else:
-                    await self._sleep(wait)
+                await self._pause(_RECHECK_S if math.isinf(wait) else wait)
             self.requests.take(requests, now)
             self.tokens.take(tokens, now)
             self.server_requests.take(requests, now)
@@ -293,6 +286,22 @@ class Limiter:
                 if task not in self._watched:
                     self._watched.add(task)
                     task.add_done_callback(self._task_done)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep ``seconds`` or until an answer or a finished call brings news.
+
+        News can only shorten a wait: an answer may show that the server had
+        already counted calls we still held against its room.
+        """
+        self._news.clear()
+        news = asyncio.ensure_future(self._news.wait())
+        sleeper = asyncio.ensure_future(self._sleep(seconds))
+        try:
+            await asyncio.wait((news, sleeper), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in (news, sleeper):
+                waiter.cancel()
+            await asyncio.gather(news, sleeper, return_exceptions=True)
 
     def _settle(self, task: asyncio.Task[Any]) -> None:
         if self._flights.pop(task, None) is not None:

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import secrets
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -342,3 +343,27 @@ def check_same_filesystem(paths: SpoolPaths) -> None:
             f"{names} must be on the same file system as {paths.inbox}: files are moved "
             "between these folders with rename(), which fails across mounts (EXDEV)."
         )
+
+
+# `atomic_write` stages every file as `.NAME.tmp-XXXXXXXX`.
+_STALE_TEMP = re.compile(r"\..+\.tmp-[0-9a-f]{8}")
+
+
+def sweep_stale_temps(folders: Sequence[Path]) -> list[str]:
+    """Remove the temp files of writes a kill interrupted; return their names.
+
+    Call only at start-up, when no write is in progress, so every such file is stale.
+    The folders must be the daemon's own (outbox/, failed/): a producer's dot file
+    never gets there, since inbox dot files are never claimed.
+    """
+    removed: list[str] = []
+    for folder in folders:
+        found = False
+        for entry in os.scandir(folder):
+            if _STALE_TEMP.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                Path(entry.path).unlink()
+                removed.append(f"{folder.name}/{entry.name}")
+                found = True
+        if found:
+            fsync_dir(folder)
+    return removed

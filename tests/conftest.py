@@ -223,13 +223,20 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
     """Factory: a daemon on a fresh spool under tmp_path; killed at teardown if alive."""
     daemons: list[DaemonProcess] = []
 
-    def start(base_url: str, *, key: str = TEST_KEY, **sections: dict[str, Any]) -> DaemonProcess:
+    def start(
+        base_url: str,
+        *,
+        key: str = TEST_KEY,
+        env: dict[str, str] | None = None,
+        **sections: dict[str, Any],
+    ) -> DaemonProcess:
         spool = tmp_path / f"spool{len(daemons) or ''}"
         config = write_config(tmp_path / f"config{len(daemons)}.toml", spool, base_url, **sections)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("EMBEDD_", "OPENAI_"))}
-        env["OPENAI_API_KEY"] = key
-        env["PYTHONUNBUFFERED"] = "1"
-        daemon = DaemonProcess(spool, config, tmp_path / f"daemon{len(daemons)}.log", env)
+        environ = {k: v for k, v in os.environ.items() if not k.startswith(("EMBEDD_", "OPENAI_"))}
+        environ["OPENAI_API_KEY"] = key
+        environ["PYTHONUNBUFFERED"] = "1"
+        environ.update(env or {})
+        daemon = DaemonProcess(spool, config, tmp_path / f"daemon{len(daemons)}.log", environ)
         daemons.append(daemon)
         return daemon.start()
 

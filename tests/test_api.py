@@ -364,6 +364,22 @@ async def test_breaker_opens_after_failures_then_sends_nothing(
     assert client.status_snapshot()["breaker"]["state"] == "closed"
 
 
+async def test_breaker_state_changes_are_logged(fake: Fake, make_client: Factory) -> None:
+    """Opening and closing the breaker each log one event, so operators see it happen."""
+    server, _ = fake
+    client = make_client(retries=10, failures=2, cooldown=5.0)
+    server.script["file"] += [("json", 500, error_body("down"), {})] * 2
+    with structlog.testing.capture_logs() as logs, pytest.raises(BreakerOpen):
+        await client.retrieve_file("file-1")
+    opened = [e for e in logs if e["event"] == "breaker.open"]
+    assert len(opened) == 1
+    assert opened[0]["previous"] == "closed"
+    await client.time.sleep(5.0)  # type: ignore[attr-defined]
+    with structlog.testing.capture_logs() as logs:
+        await client.retrieve_file("file-1")
+    assert [e["event"] for e in logs if e["event"].startswith("breaker.")] == ["breaker.closed"]
+
+
 async def test_create_batch_after_lost_response_finds_existing_batch(
     fake: Fake, make_client: Factory
 ) -> None:
