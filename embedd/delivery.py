@@ -10,7 +10,11 @@ that failed for good goes to `failed/` whole, with each record's error.
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import json
+import operator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,8 +26,9 @@ from embedd.cost import cost, money
 from embedd.crashpoints import crash_point
 from embedd.errors import InputRejected
 from embedd.intake import refuse
-from embedd.outbox import finish_input, write_result
+from embedd.outbox import RowStream, finish_input, write_result
 from embedd.runtime import Runtime
+from embedd.store import piece_vectors
 from embedd.tokens import combine_chunks
 
 
@@ -58,7 +63,7 @@ async def deliver(rt: Runtime, row: Any) -> None:
     errors = [
         {"id": records[p["idx"]]["rid"], "error": p["error"] or "the API refused this input"}
         for p in pieces
-        if p["vector"] is None
+        if not p["embedded"]
     ]
     if errors:
         reason = (
@@ -67,7 +72,14 @@ async def deliver(rt: Runtime, row: Any) -> None:
         )
         await refuse(rt, job, name, work, InputRejected(reason, records=errors), row["sha256"])
         return
-    matrix, chunks, origins = await asyncio.to_thread(_assemble, rt, len(records), pieces)
+    chunks = [0] * len(records)
+    for p in pieces:
+        chunks[p["idx"]] += 1
+    origins = {p["origin"] for p in pieces if p["origin"]}
+    rows = RowStream(
+        (len(records), rt.settings.openai_dimensions),
+        functools.partial(record_rows, piece_vectors(rt.store.path, job)),
+    )
     s = rt.settings
     standard, batch = rt.prices[s.openai_model].standard, rt.prices[s.openai_model].batch
     price = standard if row["lane"] == "sync" else batch
@@ -87,7 +99,7 @@ async def deliver(rt: Runtime, row: Any) -> None:
         "submitted_at": rfc3339(row["claimed_at"]),
         "completed_at": rfc3339(rt.clock()),
     }
-    path = await asyncio.to_thread(write_result, rt.paths, name, job, matrix, manifest)
+    path = await asyncio.to_thread(write_result, rt.paths, name, job, rows, manifest)
     crash_point("after_outbox_write")
     await asyncio.to_thread(finish_input, rt.paths, work, name, job, s.spool_keep_inputs)
     dedup = sum(r["tokens"] for r in records if r["cached"])
@@ -106,24 +118,13 @@ def _record_entry(r: Any, chunks: int) -> dict[str, Any]:
     return entry
 
 
-def _assemble(
-    rt: Runtime, n: int, pieces: list[Any]
-) -> tuple[npt.NDArray[np.float32], list[int], set[str]]:
-    """Rows in record order; a record of several chunks becomes their weighted mean."""
-    dims = rt.settings.openai_dimensions
-    matrix = np.empty((n, dims), dtype=np.float32)
-    chunks = [0] * n
-    origins: set[str] = set()
-    by_record: dict[int, list[Any]] = {}
-    for p in pieces:
-        by_record.setdefault(p["idx"], []).append(p)
-        if p["origin"]:
-            origins.add(p["origin"])
-    for idx, parts in by_record.items():
-        chunks[idx] = len(parts)
-        vectors = np.stack([np.frombuffer(p["vector"], dtype="<f4") for p in parts])
+def record_rows(pieces: Iterator[tuple[int, int, bytes]]) -> Iterator[npt.NDArray[np.float32]]:
+    """One row per record from its pieces in order: a record of several chunks becomes
+    their token-weighted mean, re-normalised (SPEC §2, `long = "average"`)."""
+    for _, group in itertools.groupby(pieces, key=operator.itemgetter(0)):
+        parts = list(group)
         if len(parts) == 1:
-            matrix[idx] = vectors[0]
+            yield np.frombuffer(parts[0][2], dtype="<f4")
         else:
-            matrix[idx] = combine_chunks(vectors, [p["tokens"] for p in parts])
-    return matrix, chunks, origins
+            vectors = np.stack([np.frombuffer(v, dtype="<f4") for _, _, v in parts])
+            yield combine_chunks(vectors, [t for _, t, _ in parts])

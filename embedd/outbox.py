@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -69,11 +71,52 @@ def _with_job(doc: dict[str, Any], job: str, what: str) -> dict[str, Any]:
     return {**doc, "job": job}
 
 
+@dataclass(frozen=True)
+class RowStream:
+    """A result too large to hold twice: its shape, and rows produced one at a time."""
+
+    shape: tuple[int, int]
+    rows: Callable[[], Iterator[npt.NDArray[np.floating]]]
+
+
 def _npy_writer(array: npt.NDArray[np.float32]) -> Writer:
     def write(f: BinaryIO) -> None:
         npy_format.write_array(f, array, allow_pickle=False)
 
     return write
+
+
+def _npy_stream_writer(stream: RowStream) -> Writer:
+    """Write the `.npy` header, then each row as it comes; check count, size, finiteness."""
+    n, d = stream.shape
+
+    def write(f: BinaryIO) -> None:
+        header = {"descr": np.dtype(np.float32).str, "fortran_order": False, "shape": (n, d)}
+        npy_format.write_array_header_1_0(f, header)
+        count = 0
+        for row in stream.rows():
+            vec = np.ascontiguousarray(row, dtype=np.float32)
+            if vec.shape != (d,):
+                raise ValueError(f"row {count} has shape {vec.shape}, expected ({d},)")
+            if not np.all(np.isfinite(vec)):
+                raise ValueError(f"row {count} is not finite")
+            f.write(vec.tobytes())
+            count += 1
+        if count != n:
+            raise ValueError(f"{count} rows for a result of {n} records")
+
+    return write
+
+
+def _writer_for(vectors: npt.NDArray[np.floating] | RowStream) -> Writer:
+    if isinstance(vectors, RowStream):
+        return _npy_stream_writer(vectors)
+    array = np.ascontiguousarray(vectors, dtype=np.float32)
+    if array.ndim != 2:
+        raise ValueError(f"vectors must be 2-D (records x dimensions), got shape {array.shape}")
+    if not np.all(np.isfinite(array)):
+        raise ValueError("vectors must be finite")
+    return _npy_writer(array)
 
 
 def find_result(paths: SpoolPaths, name: str, job: str) -> str | None:
@@ -88,28 +131,25 @@ def write_result(
     paths: SpoolPaths,
     name: str,
     job: str,
-    vectors: npt.NDArray[np.floating],
+    vectors: npt.NDArray[np.floating] | RowStream,
     manifest: dict[str, Any],
 ) -> Path:
     """Write `outbox/NAME.json` then `outbox/NAME.npy` atomically; return the `.npy` path.
 
     `vectors` become float32, C order, shape (records, dimensions); they must be
-    2-D and finite. `manifest["job"]` is set to `job` (a different job is an
+    2-D and finite. A `RowStream` is written row by row as it is produced, so a large
+    result is never held in memory whole. `manifest["job"]` is set to `job` (a different job is an
     error). If `NAME.npy` or `NAME.json` already belongs to something else, the
     pair is `NAME~JOB.npy` / `NAME~JOB.json`. If this job's result is already
     there, nothing is written and its path is returned.
     """
-    array = np.ascontiguousarray(vectors, dtype=np.float32)
-    if array.ndim != 2:
-        raise ValueError(f"vectors must be 2-D (records x dimensions), got shape {array.shape}")
-    if not np.all(np.isfinite(array)):
-        raise ValueError("vectors must be finite")
+    writer = _writer_for(vectors)
     doc = _with_job(manifest, job, "manifest")
     base = find_result(paths, name, job)
     if base is not None:
         npy = paths.outbox / f"{base}.npy"
         if not os.path.lexists(npy):  # crashed after the manifest: finish it
-            atomic_write(paths.outbox, npy.name, _npy_writer(array), replace=False)
+            atomic_write(paths.outbox, npy.name, writer, replace=False)
         return npy
     for base in candidate_names(name, job):
         manifest_path = paths.outbox / f"{base}.json"
@@ -121,7 +161,7 @@ def write_result(
         except FileExistsError:
             continue  # appeared meanwhile; try the next name
         crash_point("during_outbox_write")
-        atomic_write(paths.outbox, npy.name, _npy_writer(array), replace=False)
+        atomic_write(paths.outbox, npy.name, writer, replace=False)
         return npy
     raise FileExistsError(f"no free name for the result of {name} in {paths.outbox}")
 

@@ -17,7 +17,7 @@ import json
 import secrets
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,11 +170,6 @@ class Pending:
     nbytes: int
     queued_at: float
     attempts: int
-
-
-def _connect_sync(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    return conn
 
 
 class Store:
@@ -395,9 +390,13 @@ class Store:
         return await self._all("SELECT * FROM records WHERE job = ? ORDER BY idx", (job,))
 
     async def file_pieces(self, job: str) -> list[aiosqlite.Row]:
-        """Each piece with its vector (NULL if none) and its request's error."""
+        """Each piece: whether it has a vector (`embedded`), where from, its request's error.
+
+        The vectors themselves stay in the database: `piece_vectors` streams them.
+        """
         return await self._all(
-            "SELECT p.idx, p.chunk, p.key, p.tokens, v.vector, v.origin, r.state AS rstate, r.error "
+            "SELECT p.idx, p.chunk, p.key, p.tokens, v.key IS NOT NULL AS embedded, v.origin, "
+            "r.state AS rstate, r.error "
             "FROM pieces p LEFT JOIN vectors v ON v.key = p.key "
             "LEFT JOIN requests r ON r.key = p.key "
             "WHERE p.job = ? ORDER BY p.idx, p.chunk",
@@ -622,6 +621,26 @@ async def _insert_vectors(
         "AND state IN ('pending', 'planned')",
         [(k,) for k, _, _ in vectors],
     )
+
+
+def piece_vectors(db_path: Path, job: str, fetch: int = 256) -> Iterator[tuple[int, int, bytes]]:
+    """(record index, tokens, float32 bytes) of each piece of `job`, in record order.
+
+    A plain blocking generator on its own read-only connection (WAL lets it read while
+    the daemon writes), for a worker thread that writes the `.npy` row by row: only
+    `fetch` vectors are in memory at a time, never the whole file's.
+    """
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30.0)
+    try:
+        cur = conn.execute(
+            "SELECT p.idx, p.tokens, v.vector FROM pieces p JOIN vectors v ON v.key = p.key "
+            "WHERE p.job = ? ORDER BY p.idx, p.chunk",
+            (job,),
+        )
+        while rows := cur.fetchmany(fetch):
+            yield from rows
+    finally:
+        conn.close()
 
 
 class _Tx:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from embedd.outbox import finish_input, write_failure, write_result
+from embedd.outbox import RowStream, finish_input, write_failure, write_result
 from embedd.spool import SpoolPaths, atomic_write
 
 
@@ -51,6 +51,32 @@ def test_result_content_and_format(spool: SpoolPaths) -> None:
     assert doc == {**manifest(), "job": "J1"}
     assert stat.S_IMODE(npy.stat().st_mode) == 0o640
     assert names(spool.outbox) == {"a.txt.npy", "a.txt.json"}
+
+
+def test_streamed_rows_give_the_same_npy_as_an_array(spool: SpoolPaths) -> None:
+    """A RowStream is written row by row into exactly the .npy the whole array gives."""
+    v = vectors(5, 8)
+    streamed = write_result(spool, "s.txt", "J1", RowStream((5, 8), lambda: iter(v)), manifest())
+    whole = write_result(spool, "w.txt", "J2", v, manifest("w.txt"))
+    assert streamed.read_bytes() == whole.read_bytes()
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        pytest.param(lambda: iter(vectors(4, 8)), id="too-few"),
+        pytest.param(lambda: iter(vectors(6, 8)), id="too-many"),
+        pytest.param(lambda: iter(np.full((5, 8), np.nan)), id="not-finite"),
+        pytest.param(lambda: iter(vectors(5, 7)), id="wrong-width"),
+    ],
+)
+def test_a_bad_row_stream_leaves_no_npy(spool: SpoolPaths, rows: Any) -> None:
+    """A stream with the wrong count, width or a non-finite row fails and leaves no .npy
+    (nor its temp file) behind: the manifest alone never reads as a complete result."""
+    with pytest.raises(ValueError, match="row"):
+        write_result(spool, "b.txt", "J1", RowStream((5, 8), rows), manifest("b.txt"))
+    assert not (spool.outbox / "b.txt.npy").exists()
+    assert not [n for n in names(spool.outbox) if n.startswith(".")]
 
 
 CRASH_SCRIPT = """

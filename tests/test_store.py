@@ -254,7 +254,7 @@ async def test_ready_files_waits_for_every_piece(store: Store) -> None:
     await apply(store, fail=[("k:two", "invalid input")])
     assert [r["job"] for r in await store.ready_files()] == ["job1"]
     pieces = await store.file_pieces("job1")
-    assert [(p["key"], p["vector"] is not None, p["rstate"]) for p in pieces] == [
+    assert [(p["key"], bool(p["embedded"]), p["rstate"]) for p in pieces] == [
         ("k:one", True, "done"),
         ("k:two", False, "failed"),
     ]

@@ -2,8 +2,8 @@
 
 embedd's side is the real code: the collector's slice loop
 (``collector._parse_slice`` → ``batchlines.parse_output_line`` on base64 lines),
-the vectors kept as the bytes the store keeps, then ``delivery._assemble`` and
-``outbox.write_result`` as delivery does. The baseline is what most scripts do
+each slice stored in a real state database as the collector stores it, then the
+delivery's streaming ``.npy`` write from that database. The baseline is what most scripts do
 with the float output: read the whole file, ``json.loads`` every line, put the
 rows in order and hand the nested lists to ``numpy.array``. Both files hold the
 same vectors (the emulator's own batch writer makes the base64 one); each side runs
@@ -12,11 +12,12 @@ in a fresh interpreter so its peak RSS is its own.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import functools
 import json
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,42 +62,54 @@ def _order(requests: Path) -> dict[str, int]:
         return {json.loads(line)["custom_id"]: i for i, line in enumerate(fh)}
 
 
-@dataclass(frozen=True)
-class _Dimensions:
-    openai_dimensions: int
-
-
-@dataclass(frozen=True)
-class _AssembleContext:
-    """What ``delivery._assemble`` reads of a Runtime: the configured dimensions."""
-
-    settings: _Dimensions
-
-
 def embedd_side(args: dict[str, Any]) -> dict[str, Any]:
-    """Worker: base64 lines in slices → store-shaped pieces → assembled → written .npy."""
+    """Worker: the daemon's own path, through a real state database.
+
+    Untimed set-up: one file of ``lines`` records queued in a fresh ``Store``. Timed:
+    the collector's slice loop over the base64 output (``collector._parse_slice``),
+    each slice stored with ``Store.add_vectors`` as the collector does, then the
+    delivery's streaming write (``store.piece_vectors`` → ``delivery.record_rows`` →
+    ``outbox.write_result`` with a ``RowStream``), fsynced.
+    """
+    return asyncio.run(_embedd_side(args))
+
+
+async def _embedd_side(args: dict[str, Any]) -> dict[str, Any]:
     from embedd.collector import _parse_slice
-    from embedd.delivery import _assemble
-    from embedd.outbox import write_result
+    from embedd.delivery import record_rows
+    from embedd.outbox import RowStream, write_result
     from embedd.spool import SpoolPaths
+    from embedd.store import NewRecord, NewRequest, Store, piece_vectors
 
     order = _order(Path(args["requests"]))
     dims = int(args["dims"])
     paths = SpoolPaths.from_root(Path(args["spool"]))
     paths.outbox.mkdir(parents=True, exist_ok=True)
+    store = await Store.open(paths.state_dir / "bench.sqlite3")
+    keys = sorted(order, key=order.__getitem__)
+    await store.begin_claim("job_bench", "bench.jsonl", "batch", 0.0)
+    await store.queue_file(
+        "job_bench", sha256="0" * 64, size=0, lane="batch", now=0.0,
+        records=[NewRecord(k, None, 1, [(k, 1)], cached=False) for k in keys],
+        requests=[NewRequest(k, k, 1, 1, 1) for k in keys],
+    )  # fmt: skip
     start = time.perf_counter()
-    pieces: list[dict[str, Any]] = []
     with Path(args["output"]).open("rb") as fh:
-        while results := _parse_slice(fh, dims):
+        while results := await asyncio.to_thread(_parse_slice, fh, dims):
+            good = []
             for r in results:
                 assert r.vector is not None, r.error_message
-                vector = r.vector.astype("<f4").tobytes()
-                pieces.append(
-                    {"idx": order[r.custom_id], "vector": vector, "origin": "b", "tokens": r.tokens}
-                )
-    matrix, _, _ = _assemble(_AssembleContext(_Dimensions(dims)), len(order), pieces)  # type: ignore[arg-type]
-    npy = write_result(paths, "bench.jsonl", "job_bench", matrix, {"source": "bench.jsonl"})
+                good.append((r.custom_id, r.vector.astype("<f4").tobytes(), r.tokens))
+            await store.add_vectors(good, origin="batch_bench", now=0.0)
+    rows = RowStream(
+        (len(keys), dims),
+        functools.partial(record_rows, piece_vectors(store.path, "job_bench")),
+    )
+    npy = await asyncio.to_thread(
+        write_result, paths, "bench.jsonl", "job_bench", rows, {"source": "bench.jsonl"}
+    )
     seconds = time.perf_counter() - start
+    await store.close()
     return {"seconds": seconds, "peak_rss": peak_rss(), "npy": str(npy)}
 
 
