@@ -121,9 +121,9 @@ async def process_claimed(rt: Runtime, job: str, name: str, lane: str) -> None:
     except InputRejected as exc:
         await refuse(rt, job, name, work, exc, sha256)
         return
-    records, pieces_tokens, requests = prepared
+    records, requests = prepared
     known = await rt.store.known_keys(q.key for q in requests)
-    new_records = _mark_cached(records, pieces_tokens, known)
+    new_records = _mark_cached(records, known)
     await rt.store.queue_file(
         job,
         sha256=sha256,
@@ -162,9 +162,7 @@ async def refuse(
 PreparedRecord = tuple[Record, int, list[tuple[str, Chunk]]]
 
 
-def _prepare(
-    rt: Runtime, name: str, data: bytes
-) -> tuple[list[PreparedRecord], list[int], list[NewRequest]]:
+def _prepare(rt: Runtime, name: str, data: bytes) -> tuple[list[PreparedRecord], list[NewRequest]]:
     """Parse and tokenize (CPU work, run in a thread). Raises InputRejected."""
     s = rt.settings
     records = parse_document(name, data)
@@ -207,12 +205,10 @@ def _prepare(
             f'and [inputs] long = "fail"; first: {problems[0]["id"]!r}.',
             records=problems,
         )
-    return prepared, [len(t) for t in token_lists], list(requests.values())
+    return prepared, list(requests.values())
 
 
-def _mark_cached(
-    records: Sequence[PreparedRecord], _tokens: Sequence[int], known: set[str]
-) -> list[NewRecord]:
+def _mark_cached(records: Sequence[PreparedRecord], known: set[str]) -> list[NewRecord]:
     """A record is cached when every piece was embedded or queued before it."""
     seen = set(known)
     out: list[NewRecord] = []

@@ -35,6 +35,7 @@ from typing import BinaryIO, Literal
 
 from embedd.cost import Entry, EntryKey, LedgerEntry, Totals, parse_line, to_json_line
 from embedd.errors import FatalError
+from embedd.spool import FILE_MODE, fsync_dir
 
 Repair = Literal["completed", "truncated"]
 
@@ -84,14 +85,6 @@ def read_entries(
             yield entry
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Ledger:
     """The ledger at `path`, open for appending (thread-safe); see the module docstring."""
 
@@ -102,12 +95,12 @@ class Ledger:
         self._totals = Totals()
         created = not path.exists()
         self._fd = os.open(
-            path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644
+            path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE
         )
         try:
             self.repair: Repair | None = self._load()
             if created:
-                _fsync_dir(path.parent)
+                fsync_dir(path.parent)
         except BaseException:
             os.close(self._fd)
             raise

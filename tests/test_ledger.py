@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import threading
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -228,3 +230,13 @@ def test_symlinked_ledger_is_refused(tmp_path: Path) -> None:
     link.symlink_to(target)
     with pytest.raises(OSError, match=r"symbolic|Too many levels"):
         Ledger(link)
+
+
+def test_ledger_file_is_readable_by_the_group_only(tmp_path: Path) -> None:
+    """The ledger is created 0o640 like every file the daemon writes, whatever the umask."""
+    old = os.umask(0)
+    try:
+        Ledger(tmp_path / "ledger.jsonl").close()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "ledger.jsonl").stat().st_mode) == 0o640
