@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from embedd.batchlines import (
     BadVector,
     MalformedLine,
+    _fast_vector,
+    _interpret,
+    _split_embedding,
     decode_embedding,
     encode_request_line,
     native_dimensions,
@@ -203,10 +207,142 @@ def test_decode_embedding_rejects_wrong_type() -> None:
         decode_embedding(3.0, 1)  # type: ignore[arg-type]
 
 
-def test_parsing_is_fast_for_full_size_vectors() -> None:
-    """2,000 base64 lines of 3072 dimensions parse in well under two seconds."""
-    line = output_line("r", b64(unit(3072, seed=5)))
-    start = time.perf_counter()
-    for _ in range(2000):
-        assert parse_output_line(line, 3072).ok
-    assert time.perf_counter() - start < 2.0
+# The fast path of parse_output_line against the exact one: on every line, both give
+# the same result or the same exception. The exact path is json.loads + the checks.
+def _exact(line: bytes, dimensions: int) -> Any:
+    try:
+        obj = json.loads(line)
+    except (UnicodeDecodeError, ValueError) as exc:
+        return ("raise", f"batch output line is not JSON: {exc}")
+    try:
+        return ("ok", _interpret(obj, dimensions, None))
+    except MalformedLine as exc:
+        return ("raise", str(exc))
+
+
+def _fast(line: bytes, dimensions: int) -> Any:
+    try:
+        return ("ok", parse_output_line(line, dimensions))
+    except MalformedLine as exc:
+        return ("raise", str(exc))
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a[0] != b[0] or a[0] == "raise":
+        return bool(a == b)
+    x, y = a[1], b[1]
+    if (x.vector is None) != (y.vector is None):
+        return False
+    if x.vector is not None and x.vector.tobytes() != y.vector.tobytes():
+        return False
+    return bool(
+        (x.custom_id, x.tokens, x.error_status, x.error_code, x.error_message, x.retryable)
+        == (y.custom_id, y.tokens, y.error_status, y.error_code, y.error_message, y.retryable)
+    )
+
+
+_WS = st.sampled_from(["", " ", "\n", "\t ", "\r\n"])
+
+
+@st.composite
+def _lines(draw: st.DrawFn) -> bytes:
+    """Output lines as a server might write them: any key order, spacing, escapes."""
+    dims = draw(st.sampled_from([4, 8, 5]))
+    vector = draw(
+        st.lists(st.floats(-1, 1, width=32, allow_nan=False), min_size=dims, max_size=dims)
+    )
+    arr = np.asarray(vector, dtype=np.float32)
+    if draw(st.booleans()) and np.linalg.norm(arr) > 0:
+        arr = (arr / np.linalg.norm(arr)).astype(np.float32)
+    encoded = base64.b64encode(arr.astype("<f4").tobytes()).decode("ascii")
+    embedding: Any = draw(
+        st.sampled_from(
+            [
+                encoded,
+                encoded.rstrip("="),
+                encoded + "=",
+                "A" + encoded,
+                encoded.replace("A", "\\/", 1),
+                arr.tolist(),
+                None,
+                "",
+            ]
+        )
+    )
+    item = {"object": "embedding", "index": 0, "embedding": embedding}
+    body: dict[str, Any] = {
+        "object": "list",
+        "data": [item, *draw(st.sampled_from([[], [{"embedding": "AAAA"}]]))],
+        "model": "m",
+        "usage": draw(st.sampled_from([{"prompt_tokens": 3, "total_tokens": 3}, None, {}])),
+    }
+    response: dict[str, Any] = {
+        "status_code": draw(st.sampled_from([200, 200, 500, "200"])),
+        "request_id": "req_1",
+        "body": body,
+    }
+    custom_id = draw(st.text(min_size=0, max_size=12))
+    obj: dict[str, Any] = {"id": "batch_req_1", "custom_id": custom_id, "response": response}
+    obj["error"] = None
+    for d in (obj, response, body, item):
+        keys = draw(st.permutations(list(d)))
+        reordered = {k: d[k] for k in keys}
+        d.clear()
+        d.update(reordered)
+    sep = draw(_WS)
+    text = json.dumps(
+        obj,
+        ensure_ascii=draw(st.booleans()),
+        separators=("," + sep, ":" + draw(_WS)),
+    )
+    if encoded and draw(st.booleans()):
+        # a decoy: the key's name inside a string before the real one
+        text = text.replace('"id": ', '"id": "embedding", "x":', 1)
+    return (draw(_WS) + text + "\n").encode("utf-8", "surrogatepass")
+
+
+@settings(max_examples=400, deadline=None)
+@given(line=_lines(), dims=st.sampled_from([4, 5, 8]))
+def test_fast_path_agrees_with_exact_path(line: bytes, dims: int) -> None:
+    """For any output line, parse_output_line gives exactly what json.loads plus the
+    documented checks give: the same vector bytes, fields and error wording."""
+    assert _same(_fast(line, dims), _exact(line, dims))
+
+
+@settings(max_examples=300, deadline=None)
+@given(line=_lines(), cut=st.integers(0, 400), junk=st.binary(max_size=3))
+def test_fast_path_agrees_on_damaged_lines(line: bytes, cut: int, junk: bytes) -> None:
+    """A line cut short or with bytes spliced in raises or reports exactly as before."""
+    damaged = line[:cut] + junk + line[cut:] if junk else line[: cut % max(1, len(line))]
+    assert _same(_fast(damaged, 4), _exact(damaged, 4))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"custom_id":"a","response":{"status_code":200,"body":{"data":[{"embedding":"%s"}],'
+        '"embedding":"%s"}}}',
+        '{"custom_id":"a\\"","response":{"status_code":200,"body":{"data":[{"embedding":"%s"}]}}}',
+        '{"custom_id":"a","response":{"status_code":200,"body":{"data":[{"embedding":"%s",'
+        '"embedding":"AAAA"}]}}}',
+        '{"custom_id":"embedding","response":{"status_code":200,"body":{"data":[{"embedding":"%s"}]}}}',
+        '{"custom_id":"a","response":{"status_code":200,"body":{"data":[{"embedding":"%s"}]}}}x',
+    ],
+)
+def test_fast_path_is_not_fooled_by_decoys(text: str) -> None:
+    """Duplicate keys, an escaped quote before the key, the key's name as a value and
+    trailing junk all give the exact path's answer."""
+    vector = b64(unit(8, 3))
+    line = (text.replace("%s", vector)).encode()
+    assert _same(_fast(line, 8), _exact(line, 8))
+
+
+def test_plain_output_line_takes_the_fast_path() -> None:
+    """A plain 200 line is split without parsing the embedding and decodes to the
+    same vector (so the agreement tests above compare two different paths)."""
+    vector = unit(3072, 9)
+    line = output_line("r1", b64(vector))
+    split = _split_embedding(line)
+    assert split is not None
+    assert _fast_vector(split[1], 3072) is not None
+    assert np.array_equal(parse_output_line(line, 3072).vector, vector)

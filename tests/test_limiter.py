@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 
 import pytest
 
-from embedd.limiter import Limiter, TokenBucket, parse_reset
+from embedd.limiter import Limiter, ServerWindow, TokenBucket, parse_reset
 
 
 class FakeClock:
@@ -93,16 +95,117 @@ def test_bucket_rejects_non_positive_parameters() -> None:
         TokenBucket(1, 0.0)
 
 
-def test_recalibrate_only_lowers_level_and_capacity() -> None:
-    """Server headers can lower our limit and level but never raise them."""
+def test_adopt_limit_only_lowers_capacity() -> None:
+    """A server limit below ours is adopted with the same refill period; a higher one is not."""
     bucket = TokenBucket(capacity=60, refill_per_s=1.0, now=0.0)
-    bucket.recalibrate(capacity=30, remaining=20, now=0.0)
+    bucket.adopt_limit(30, now=0.0)
     assert bucket.capacity == 30.0
     assert bucket.refill_per_s == pytest.approx(0.5)  # same 60 s period
-    assert bucket.available(0.0) == 20.0
-    bucket.recalibrate(capacity=1000, remaining=1000, now=0.0)
+    assert bucket.available(0.0) == 30.0
+    bucket.adopt_limit(1000, now=0.0)
     assert bucket.capacity == 30.0
-    assert bucket.available(0.0) == 20.0
+
+
+def test_spent_server_window_holds_until_reset_without_refilling() -> None:
+    """Once the server's room is below the call, the call waits for the reset, not a refill."""
+    window = ServerWindow()
+    window.observe(remaining=1000, reset_in=10.0, in_flight=0, now=0.0)
+    window.take(900, 0.0)
+    assert window.wait_time(50, 0, 1.0) == 0.0
+    assert window.wait_time(200, 0, 1.0) == pytest.approx(9.0)
+    assert window.wait_time(200, 0, 9.99) == pytest.approx(0.01)
+    assert window.wait_time(200, 0, 10.0) == 0.0  # a fresh window: its allowance is back
+
+
+def test_server_room_is_net_of_calls_in_flight() -> None:
+    """The server's remaining, less our unanswered calls, is the room we use."""
+    window = ServerWindow()
+    window.observe(remaining=1000, reset_in=10.0, in_flight=600, now=0.0)
+    assert window.room(600, 0.0) == 400.0
+    assert window.wait_time(500, 600, 0.0) == pytest.approx(10.0)
+    # The later answer shows the server had counted them: the room grows back.
+    window.observe(remaining=400, reset_in=9.9, in_flight=0, now=0.1)
+    assert window.wait_time(400, 0, 0.1) == 0.0
+
+
+def test_overtaken_and_old_window_headers_are_ignored() -> None:
+    """An answer stating more room in the same window, or a window already over, changes nothing."""
+    window = ServerWindow()
+    window.observe(remaining=500, reset_in=8.0, in_flight=0, now=0.0)
+    window.observe(remaining=900, reset_in=7.9, in_flight=0, now=0.1)
+    assert window.room(0, 0.1) == 500.0
+    window.observe(remaining=20, reset_in=0.01, in_flight=0, now=0.2)  # previous window
+    assert window.room(0, 0.2) == 500.0
+    window.observe(remaining=300, reset_in=10.0, in_flight=0, now=8.5)  # the next window
+    assert window.room(0, 8.5) == 300.0
+
+
+def test_fresh_window_allows_what_a_window_held_less_calls_in_flight() -> None:
+    """After a reset and before news, calls in flight may use up the largest room seen."""
+    window = ServerWindow()
+    assert window.wait_time(10**9, 0, 0.0) == 0.0  # nothing known: no server limit yet
+    window.observe(remaining=1000, reset_in=1.0, in_flight=0, now=0.0)
+    assert window.room(300, 2.0) == 700.0
+    assert window.wait_time(800, 300, 2.0) == math.inf  # until an answer says more
+    assert window.wait_time(5000, 0, 2.0) == 0.0  # oversize: goes into an empty window
+
+
+async def test_calls_in_flight_are_tracked_per_task() -> None:
+    """A call is in flight until its own task reports headers or ends; others' headers
+    are reduced by it."""
+    clock = FakeClock()
+    limiter = Limiter(rpm=1000, tpm=100_000, clock=clock, sleep=clock.sleep)
+    sent = asyncio.Event()
+    answer = asyncio.Event()
+
+    async def slow_call() -> None:
+        await limiter.acquire(1, 400)
+        sent.set()
+        await answer.wait()
+
+    async with asyncio.TaskGroup() as group:
+        group.create_task(slow_call())
+        await sent.wait()
+        await limiter.acquire(1, 100)
+        assert limiter.in_flight() == (2, 500)
+        limiter.update_from_headers(_headers(tokens=1000, reset="10s"), clock())
+        assert limiter.in_flight() == (1, 400)
+        assert limiter.server_tokens.room(400, clock()) == 600.0
+        answer.set()
+    assert limiter.in_flight() == (0, 0)
+
+
+async def test_waiter_wakes_when_an_answer_shows_more_room() -> None:
+    """A caller held until the reset goes as soon as an answer shows the room is there."""
+    limiter = Limiter(rpm=1000, tpm=100_000)
+    limiter.update_from_headers(_headers(tokens=2000, reset="1m0s"))
+    sent, answered = asyncio.Event(), asyncio.Event()
+
+    async def other_call() -> None:
+        await limiter.acquire(1, 400)
+        sent.set()
+        await answered.wait()
+        # the server had already counted this call in the figure below
+        limiter.update_from_headers(_headers(tokens=500, reset="59s"))
+
+    async with asyncio.TaskGroup() as group:
+        group.create_task(other_call())
+        await sent.wait()
+        limiter.update_from_headers(_headers(tokens=500, reset="59s"))
+        assert limiter.server_tokens.room(400, time.monotonic()) == 100.0
+        waiter = group.create_task(limiter.acquire(1, 300))
+        await asyncio.sleep(0.05)
+        assert not waiter.done()  # held for the minute, as far as it knows
+        answered.set()
+        await asyncio.wait_for(waiter, 5)
+
+
+def _headers(tokens: int, reset: str) -> dict[str, str]:
+    return {
+        "x-ratelimit-limit-tokens": "100000",
+        "x-ratelimit-remaining-tokens": str(tokens),
+        "x-ratelimit-reset-tokens": reset,
+    }
 
 
 async def test_limiter_paces_requests_at_rpm_after_burst() -> None:
@@ -173,7 +276,7 @@ async def test_penalize_holds_every_caller() -> None:
     assert sum(clock.sleeps) == pytest.approx(7.5)
 
 
-def test_update_from_headers_lowers_limits_and_holds_exhausted_pool() -> None:
+async def test_update_from_headers_lowers_limits_and_holds_exhausted_pool() -> None:
     """Headers recalibrate both buckets; an exhausted pool waits for its reset."""
     clock = FakeClock()
     limiter = Limiter(rpm=3000, tpm=1_000_000, clock=clock, sleep=clock.sleep)
@@ -188,12 +291,12 @@ def test_update_from_headers_lowers_limits_and_holds_exhausted_pool() -> None:
     limiter.update_from_headers(headers, clock())
     assert limiter.requests.capacity == 500.0
     assert limiter.tokens.capacity == 150000.0
-    assert limiter.tokens.available(clock()) == 149990.0
+    assert limiter.server_tokens.room(0, clock()) == 149990.0
     assert limiter.wait_time(1, 0, clock()) == pytest.approx(60.0)
     assert limiter.wait_time(0, 10, clock()) == 0.0
 
 
-def test_update_from_headers_ignores_missing_or_bad_values() -> None:
+async def test_update_from_headers_ignores_missing_or_bad_values() -> None:
     """Absent or non-numeric headers leave the limiter as configured."""
     clock = FakeClock()
     limiter = Limiter(rpm=100, tpm=1000, clock=clock, sleep=clock.sleep)
