@@ -7,6 +7,7 @@ soak (`test_soak.py`) and the fault tests reuse it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -96,10 +97,21 @@ def wait_killed(daemon: DaemonProcess, point: str, timeout: float = 60.0) -> Non
     assert f"crash point {point} reached" in daemon.log_text()
 
 
+def settled_in_database(spool: Path) -> set[str]:
+    """Names of inputs the state database records as done or failed."""
+    db = spool / "state" / "embedd.sqlite3"
+    if not db.exists():
+        return set()
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)) as conn:
+        rows = conn.execute("SELECT name FROM files WHERE state IN ('done', 'failed')")
+        return {str(r[0]) for r in rows}
+
+
 def wait_settled(daemon: DaemonProcess, names: Iterable[str], timeout: float = 60.0) -> None:
-    """Wait until every input is recorded done or failed in this daemon's log — not
-    merely visible in the outbox, so a stop right after cannot catch a delivery
-    between its `.npy` and its database row."""
+    """Wait until every input is recorded done or failed — not merely visible in the
+    outbox, so a stop right after cannot catch a delivery between its `.npy` and its
+    database row. The log says so, or, for a delivery whose log line a kill -9 cut
+    off after its commit, the state database does."""
     wanted = set(names)
 
     def settled() -> bool:
@@ -111,7 +123,7 @@ def wait_settled(daemon: DaemonProcess, names: Iterable[str], timeout: float = 6
         finished = {
             e.get("file") for e in daemon.events() if e.get("event") in ("file.done", "file.failed")
         }
-        return wanted <= finished
+        return wanted <= finished or wanted <= settled_in_database(daemon.spool)
 
     wait_for(settled, timeout, what=f"{sorted(wanted)} done or failed")
 

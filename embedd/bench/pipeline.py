@@ -136,8 +136,10 @@ def _e2e_once(n: int, work: Path) -> dict[str, Any]:
         start = release_into_inbox(staged, spool / "inbox")
 
         def finished() -> bool:
-            daemon.events()  # raises if the daemon died
-            return names <= {p.name for p in outbox.glob("*.npy")}
+            events = daemon.events()  # raises if the daemon died
+            # The .npy appears just before the daemon records (and logs) the file done.
+            done = sum(1 for e in events if e.get("event") == "file.done")
+            return done >= len(names) and names <= {p.name for p in outbox.glob("*.npy")}
 
         wait_until(finished, 300 + n / 100, f"{len(names)} results", step=0.1)
         rss = peak_rss(daemon.pid)
