@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -177,3 +178,32 @@ def test_batch_file_over_200_mb_is_refused(tmp_path: Path) -> None:
         scan_batch_file(path)
     assert info.value.status == 400
     assert "too large" in info.value.message
+
+
+def test_scan_without_token_counts_agrees_on_lines_and_inputs(tmp_path: Path) -> None:
+    """Skipping the token count (no enqueued-token limit) changes nothing else the scan
+    reports: the same lines, inputs and model, for every shape of `input`."""
+    bodies = [
+        {"model": "text-embedding-3-large", "input": "one text"},
+        {"model": "text-embedding-3-large", "input": ["two", "texts"]},
+        {"model": "text-embedding-3-large", "input": [101, 202, 303]},
+        {"model": "text-embedding-3-large", "input": [[1, 2], [3]]},
+        {"model": "text-embedding-3-large", "input": []},
+    ]
+    path = tmp_path / "shapes.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/embeddings", "body": b})
+            + "\n"
+            for i, b in enumerate(bodies)
+        )
+    )
+    counted = scan_batch_file(path)
+    quick = scan_batch_file(path, count=False)
+    assert (quick.lines, quick.inputs, quick.model) == (
+        counted.lines,
+        counted.inputs,
+        counted.model,
+    )
+    assert counted.tokens > 0
+    assert quick.tokens == 0

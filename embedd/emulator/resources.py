@@ -94,7 +94,9 @@ async def upload_file(request: web.Request) -> web.StreamResponse:
                 f"Invalid purpose '{purpose}': this emulator accepts only 'batch'.",
                 param="purpose",
             )
-        summary = await asyncio.to_thread(scan_batch_file, part_path)
+        # Tokens are counted only where the enqueued-token limit needs them.
+        count = emu.config.enqueued_token_limit is not None
+        summary = await asyncio.to_thread(scan_batch_file, part_path, count=count)
         part_path.replace(emu.store.content_path(file_id))
     finally:
         part_path.unlink(missing_ok=True)
