@@ -85,25 +85,27 @@ async def _run(
     until_idle: bool,
     on_ready: Callable[[Runtime], Awaitable[None]] | None,
 ) -> int:
-    emulator = None
-    base_url = settings.openai_base_url
-    if settings.emulate:
-        from embedd.emulator import EmulatorConfig, start_emulator
+    async with contextlib.AsyncExitStack() as edges:  # closed in reverse, whatever happens
+        base_url = settings.openai_base_url
+        if settings.emulate:
+            from embedd.emulator import EmulatorConfig, start_emulator
 
-        phase = settings.emulator_phase_time
-        emulator = await start_emulator(
-            EmulatorConfig(
-                data_dir=paths.state_dir / "emulator",
-                validating_s=phase,
-                in_progress_s=phase,
-                finalizing_s=phase,
+            phase = settings.emulator_phase_time
+            emulator = await start_emulator(
+                EmulatorConfig(
+                    data_dir=paths.state_dir / "emulator",
+                    validating_s=phase,
+                    in_progress_s=phase,
+                    finalizing_s=phase,
+                )
             )
-        )
-        base_url = emulator.url
-        log.info("emulator.started", url=base_url)
-    store = await Store.open(paths.state_dir / "embedd.sqlite3")
-    session = make_session(settings.openai_ca_file, settings.openai_timeout)
-    try:
+            edges.push_async_callback(emulator.stop)
+            base_url = emulator.url
+            log.info("emulator.started", url=base_url)
+        store = await Store.open(paths.state_dir / "embedd.sqlite3")
+        edges.push_async_callback(store.close)
+        session = make_session(settings.openai_ca_file, settings.openai_timeout)
+        edges.push_async_callback(session.close)
         client = OpenAIClient(
             session,
             base_url,
@@ -132,11 +134,6 @@ async def _run(
         if isinstance(facts.get("queue_limit"), int):
             rt.queue_limit = min(rt.queue_limit, facts["queue_limit"])
         return await _serve(rt, notifier, until_idle, on_ready)
-    finally:
-        await session.close()
-        await store.close()
-        if emulator is not None:
-            await emulator.stop()
 
 
 @contextlib.contextmanager

@@ -160,14 +160,9 @@ class NewRequest:
 
 
 @dataclass(frozen=True)
-class Pending:
+class Pending(NewRequest):
     """A request waiting to be planned into a shard or a sync call."""
 
-    key: str
-    input: str | list[int]
-    tokens: int
-    qtokens: int
-    nbytes: int
     queued_at: float
     attempts: int
 
