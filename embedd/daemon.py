@@ -51,6 +51,10 @@ from embedd.tokens import Tokenizer
 log = get_logger("embedd.daemon")
 
 
+# During start-up, ask systemd for three times this much more time, this often, while healthy.
+START_EXTEND_EVERY = 10.0
+
+
 def spool_paths(settings: Settings) -> SpoolPaths:
     return SpoolPaths.from_root(settings.spool_root, settings.spool_state_dir)
 
@@ -182,9 +186,12 @@ async def _serve(
 ) -> int:
     """Start up, say READY, run the stages; a stop cancels whichever phase is running.
 
-    The watchdog pings from the first moment, because start-up (reconciling with an
-    unreachable API, say) can outlast `WatchdogSec` while the loop is perfectly healthy.
-    Start-up itself runs in the TaskGroup's body, so the stop guard cancels it too.
+    Start-up (reconciling with an unreachable API, say) can outlast the unit's start
+    timeout while the loop is perfectly healthy, and systemd arms its watchdog only
+    after READY: so until READY, the same health-gated loop asks for more start-up time
+    (`EXTEND_TIMEOUT_USEC=`) — a healthy slow start goes on, a hung one is stopped.
+    The watchdog pings from the first moment too. Start-up itself runs in the
+    TaskGroup's body, so the stop guard cancels it.
     """
 
     async def stop_guard() -> None:
@@ -195,12 +202,17 @@ async def _serve(
         async with asyncio.TaskGroup() as tg:
             tg.create_task(stop_guard())
             tg.create_task(watchdog_loop(notifier, rt.store.probe, notifier.watchdog_interval()))
+            extend = {"EXTEND_TIMEOUT_USEC": int(3 * START_EXTEND_EVERY * 1e6)}
+            extender = tg.create_task(
+                watchdog_loop(notifier, rt.store.probe, START_EXTEND_EVERY, extend)
+            )
             await _recover(rt)
             await scan_and_claim(rt)
             await rt.store.set_fact("daemon", {"pid": os.getpid(), "started": time.time()})
             # Logged first, so that whoever sees READY=1 finds the line in the log.
             log.info("daemon.ready", spool=str(rt.paths.root), emulated=rt.emulated)
             status = await status_line(rt)
+            extender.cancel()
             notifier.ready(status=status)
             if on_ready is not None:
                 await on_ready(rt)

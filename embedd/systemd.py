@@ -167,8 +167,13 @@ async def watchdog_loop(
     notifier: Notifier,
     probe: Callable[[], Awaitable[bool]],
     interval: float | None,
+    fields: Mapping[str, object] | None = None,
 ) -> None:
     """Ping the watchdog every *interval* seconds while *probe* reports health.
+
+    With *fields*, send those instead of ``WATCHDOG=1`` (the daemon sends
+    ``EXTEND_TIMEOUT_USEC=`` this way during start-up, when systemd's watchdog is not
+    armed yet but its start timeout runs).
 
     The probe gets *interval* seconds to answer; a probe that returns False, raises or
     hangs means no ping this round, so systemd restarts the service once pings have
@@ -191,7 +196,10 @@ async def watchdog_loop(
         else:
             reason = "the health probe reported a problem"
         if ok:
-            notifier.watchdog()
+            if fields is None:
+                notifier.watchdog()
+            else:
+                notifier.notify(**fields)
             if not healthy:
                 log.info("watchdog pings resumed")
             healthy = True

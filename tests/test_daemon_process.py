@@ -203,7 +203,8 @@ def test_ready_comes_only_after_reconciliation_and_the_first_scan(
 ) -> None:
     """READY=1 arrives only once start-up recovery is over: reconciliation with OpenAI
     succeeded (through three 500s), a file already in the inbox is claimed, and the log
-    says daemon.ready; the watchdog pings meanwhile; STATUS= lines count the queue."""
+    says daemon.ready; the watchdog pings and the start timeout is extended meanwhile;
+    STATUS= lines count the queue."""
     emulator = start_emulator()
     emulator.set_faults(
         {"requests": [{"endpoint": "GET /v1/batches", "kind": "server_error", "count": 3}]}
@@ -222,6 +223,12 @@ def test_ready_comes_only_after_reconciliation_and_the_first_scan(
     assert listed >= 4, "READY before the list of batches was read successfully"
     assert [m for m in notify.messages if is_ready(m)] == [ready]
     assert notify.pings(end=ready.at), "no watchdog ping during start-up"
+    # systemd arms its watchdog only after READY; until then the daemon extends the
+    # start timeout while healthy, and stops asking once it is ready.
+    extends = [m for m in notify.messages if "EXTEND_TIMEOUT_USEC" in m.fields]
+    assert extends, "no EXTEND_TIMEOUT_USEC during start-up"
+    assert all(m.at <= ready.at for m in extends)
+    assert int(extends[0].fields["EXTEND_TIMEOUT_USEC"]) >= 10_000_000
     assert status_counts(ready) == (1, 0, 0, 0)
 
     later = notify.wait(lambda m: (status_counts(m) or (0, 0, 0))[2] == 1, 30, "1 done")

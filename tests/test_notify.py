@@ -251,3 +251,27 @@ async def test_blocked_event_loop_sends_no_pings(receiver: tuple[socket.socket, 
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def test_watchdog_loop_can_send_other_fields(receiver: tuple[socket.socket, str]) -> None:
+    """With `fields`, the health-gated loop sends them instead of WATCHDOG=1 (the daemon's
+    EXTEND_TIMEOUT_USEC= during start-up)."""
+    sock, path = receiver
+    n = Notifier.from_env({"NOTIFY_SOCKET": path})
+    calls = 0
+
+    async def probe() -> bool:
+        nonlocal calls
+        calls += 1
+        return True
+
+    task = asyncio.create_task(watchdog_loop(n, probe, 0.01, {"EXTEND_TIMEOUT_USEC": 30000000}))
+    try:
+        await wait_until(lambda: calls >= 2, "two probes")
+        got = drain(sock)
+        assert got
+        assert set(got) == {b"EXTEND_TIMEOUT_USEC=30000000"}
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
