@@ -54,15 +54,30 @@ def request_key(model: str, dimensions: int, value: str | list[int]) -> str:
     return h.hexdigest()
 
 
+# Files claimed at once: one is tokenized (CPU, in threads) while another is written
+# to the state database (its own thread), so the two overlap instead of alternating.
+CLAIMS_IN_PARALLEL = 2
+
+
 async def scan_and_claim(rt: Runtime) -> int:
-    """Claim everything the inbox holds now; return how many entries were claimed."""
+    """Claim everything the inbox holds now; return how many entries were claimed.
+
+    Each claim is independent (its own job row, rename and transactions), so a few
+    run side by side; every claim is still recorded before its file is moved.
+    """
     entries = await asyncio.to_thread(scan, rt.paths)
+    slots = asyncio.Semaphore(CLAIMS_IN_PARALLEL)
     claimed = 0
-    for entry in entries:
-        if rt.stopping.is_set():
-            break
-        if await claim(rt, entry):
-            claimed += 1
+
+    async def one(entry: Entry) -> None:
+        nonlocal claimed
+        async with slots:
+            if not rt.stopping.is_set() and await claim(rt, entry):
+                claimed += 1
+
+    async with asyncio.TaskGroup() as tg:
+        for entry in entries:
+            tg.create_task(one(entry))
     if claimed:
         rt.wake.kick("plan", "sync", "deliver")
     return claimed
@@ -122,17 +137,21 @@ async def process_claimed(rt: Runtime, job: str, name: str, lane: str) -> None:
         await refuse(rt, job, name, work, exc, sha256)
         return
     records, requests = prepared
-    known = await rt.store.known_keys(q.key for q in requests)
-    new_records = _mark_cached(records, known)
-    await rt.store.queue_file(
-        job,
-        sha256=sha256,
-        size=len(data),
-        records=new_records,
-        requests=[q for q in requests if q.key not in known],
-        lane=lane,
-        now=rt.clock(),
-    )
+    # Claims run side by side, but "which texts are already known" and storing this
+    # file's requests happen as one step, so a text shared by two files dropped together
+    # is billed to one of them and marked cached in the other.
+    async with rt.queue_lock:
+        known = await rt.store.known_keys(q.key for q in requests)
+        new_records = _mark_cached(records, known)
+        await rt.store.queue_file(
+            job,
+            sha256=sha256,
+            size=len(data),
+            records=new_records,
+            requests=[q for q in requests if q.key not in known],
+            lane=lane,
+            now=rt.clock(),
+        )
     rt.log.info(
         "file.queued",
         file=name,

@@ -57,6 +57,7 @@ class Runtime:
     clock: Callable[[], float] = time.time
     wake: Wakeups = field(default_factory=Wakeups)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    queue_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # Learned at run time; persisted as daemon facts for `embedd status`.
     queue_limit: int = 0
     paused_reason: str | None = None

@@ -15,7 +15,7 @@ import pytest
 from embedd.cli import main
 from embedd.cost import LedgerEntry, cost
 from embedd.ledger import read_entries
-from tests.conftest import DaemonProcess, EmulatorProcess, drop
+from tests.conftest import DaemonProcess, EmulatorProcess, drop, wait_for
 
 BATCH = Decimal("0.065")
 
@@ -86,4 +86,39 @@ def test_the_same_file_twice_costs_nothing_the_second_time(
     assert main(["report", "--config", str(daemon.config)]) == 0
     table_total = capsys.readouterr().out.splitlines()[-1].split()
     assert f"{total['dedup_tokens']:,}" in table_total
+    assert daemon.stop() == 0
+
+
+@pytest.mark.slow
+def test_files_dropped_together_share_a_text_billed_once(
+    start_emulator: Callable[..., EmulatorProcess],
+    start_daemon: Callable[..., DaemonProcess],
+) -> None:
+    """Files claimed side by side that share texts: each shared text is billed to exactly
+    one file and marked cached in the others, so the manifests' costs add up to the
+    ledger and to what the emulator billed."""
+    emulator = start_emulator()
+    daemon = start_daemon(emulator.url)
+    wait_for(lambda: (daemon.spool / "inbox").is_dir(), what="the spool")
+    shared = ["a text every file carries", "another shared sentence"]
+    names = [f"together-{i}.jsonl" for i in range(6)]
+    staged = []
+    for i, name in enumerate(names):
+        texts = [*shared, f"only in file {i}"]
+        body = "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
+        tmp = daemon.spool / "tmp" / name
+        tmp.write_bytes(body)
+        staged.append(tmp)
+    for tmp in staged:  # all at once, so the claims overlap
+        tmp.rename(daemon.spool / "inbox" / tmp.name)
+    daemon.wait_done(names, timeout=60)
+    docs = [manifest(daemon.spool, n) for n in names]
+    for row in range(len(shared)):
+        flags = [bool(d["records"][row].get("cached")) for d in docs]
+        assert flags.count(False) == 1, flags
+    assert all(not d["records"][2].get("cached") for d in docs)
+    usage = [e for e in read_entries(daemon.spool / "ledger.jsonl") if isinstance(e, LedgerEntry)]
+    billed = sum(e.tokens for e in usage)
+    assert billed == emulator.state()["tokens_billed"]
+    assert sum(d["cost_usd"] for d in docs) == sum(e.cost_usd for e in usage)
     assert daemon.stop() == 0
