@@ -41,9 +41,9 @@ from embedd.logs import get_logger
 from embedd.retry import RetryPolicy
 from embedd.runtime import Runtime
 from embedd.safety import check_spool_safety
-from embedd.spool import SpoolPaths, check_same_filesystem, sweep_stale_temps
+from embedd.spool import SpoolPaths, check_same_filesystem, scan, sweep_stale_temps
 from embedd.store import Store
-from embedd.submitter import reconcile, submit_loop
+from embedd.submitter import pause, reconcile, submit_loop
 from embedd.synclane import sync_loop
 from embedd.systemd import Notifier, watchdog_loop
 from embedd.tokens import Tokenizer
@@ -236,8 +236,6 @@ async def _recover(rt: Runtime) -> None:
             return
         except SubmissionPaused as exc:
             # Without a working key nothing can be reconciled; submission waits too.
-            from embedd.submitter import pause
-
             await pause(rt, exc.message)
             return
         except TransientError as exc:
@@ -328,6 +326,4 @@ async def _stop_when_idle(rt: Runtime) -> None:
 
 
 def _inbox_has_work(paths: SpoolPaths) -> bool:
-    from embedd.spool import scan
-
     return bool(scan(paths))

@@ -8,6 +8,7 @@ done; then where the results are and the cost report.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import sys
@@ -61,10 +62,7 @@ def run_demo(workdir: Path) -> int:
         'phase_time = "0.3s"\n'
         'poll_interval = "0.3s"\n'
     )
-    settings = load_settings(config)
-    import dataclasses
-
-    settings = dataclasses.replace(settings, emulate=True)
+    settings = dataclasses.replace(load_settings(config), emulate=True)
     configure_logging("info")
     print(f"embedd demo: spool {spool}", file=sys.stderr)
 

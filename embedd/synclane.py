@@ -22,6 +22,7 @@ from embedd.errors import APIPermanentError, SubmissionPaused, TransientError
 from embedd.planner import pack_sync
 from embedd.runtime import Runtime
 from embedd.store import Pending, new_id
+from embedd.submitter import pause
 
 CONCURRENCY = 8
 
@@ -60,8 +61,6 @@ async def _run(
     try:
         await call(rt, group)
     except SubmissionPaused as exc:
-        from embedd.submitter import pause
-
         await pause(rt, exc.message)
     except TransientError as exc:
         rt.log.warning("sync.retry_later", inputs=len(group), error=exc.message)
