@@ -183,7 +183,7 @@ class DaemonProcess:
         return sorted(p.name for p in (self.spool / "outbox").glob("*.npy"))
 
     def wait_done(self, names: list[str], timeout: float = 60.0) -> None:
-        """Wait until every input name has a result or a failure."""
+        """Wait until every input name has a result or a failure, recorded as such."""
 
         def finished() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
@@ -192,7 +192,16 @@ class DaemonProcess:
                 )
             out = {p.name for p in (self.spool / "outbox").glob("*.npy")}
             failed = {p.name for p in (self.spool / "failed").glob("*.error.json")}
-            return all(f"{n}.npy" in out or f"{n}.error.json" in failed for n in names)
+            if not all(f"{n}.npy" in out or f"{n}.error.json" in failed for n in names):
+                return False
+            # The files are visible just before the daemon records them (and logs that):
+            # wait for the record too, so what follows the delivery has happened.
+            settled = {
+                e.get("file")
+                for e in self.events()
+                if e.get("event") in ("file.done", "file.failed")
+            }
+            return all(n in settled for n in names)
 
         wait_for(finished, timeout, what=f"results for {names}")
 
