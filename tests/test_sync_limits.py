@@ -4,23 +4,20 @@ no 429 once it has warmed up (throughput is the benchmark's business, not a test
 
 OpenAI documents that a per-minute limit may be enforced in shorter slices; the
 emulator's `rate_window_s` does that, which lets a run of a few seconds cover many
-windows. `embedd emulator` has no flag for it yet, so this file starts the same
-emulator entry point (`main_emulator`) as a subprocess with that one setting.
+windows (`embedd emulator --rate-window 1`).
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from embedd.emulator.vectors import count_tokens
-from tests.conftest import REPO, EmulatorProcess, drop, wait_for
+from tests.conftest import EmulatorProcess, drop, wait_for
 from tests.test_crash import new_daemon, wait_ready
 
 RPM = 600  # 10 requests a one-second slice
@@ -28,39 +25,13 @@ TPM = 30_000  # 500 tokens a one-second slice
 WARM_UP = 3.0  # seconds of load before 429s count
 OBSERVE = 6.0  # seconds of load in which no 429 may happen
 
-LAUNCH = (
-    "import sys\n"
-    "from embedd.emulator import EmulatorConfig, main_emulator\n"
-    "sys.exit(main_emulator('127.0.0.1', 0, EmulatorConfig("
-    f"rpm={RPM}, tpm={TPM}, rate_window_s=1.0, validating_s=0, in_progress_s=0, "
-    "finalizing_s=0)))\n"
-)
-
 
 @pytest.fixture
-def limited_emulator() -> Iterator[EmulatorProcess]:
+def limited_emulator(start_emulator: Callable[..., EmulatorProcess]) -> EmulatorProcess:
     """The emulator enforcing RPM/TPM in one-second slices, as a subprocess."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", LAUNCH],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        cwd=REPO,
+    return start_emulator(
+        "--rpm", str(RPM), "--tpm", str(TPM), "--rate-window", "1", phase_time=0.0
     )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert "listening on" in line, f"emulator did not start: {line!r}"
-        yield EmulatorProcess(proc, line.strip().split()[-1])
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
 
 
 @pytest.mark.slow
