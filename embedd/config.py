@@ -10,6 +10,7 @@ naming the key, the value and what is allowed (the CLI exits 78).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from embedd.errors import ConfigError
 
@@ -131,7 +133,22 @@ def _base_url(value: object) -> str:
     url = _string(value).rstrip("/")
     if not re.match(r"^https?://[^/\s]+", url):
         raise ValueError("an http:// or https:// URL such as https://api.openai.com/v1")
+    if url.startswith("http://") and not _is_loopback(urlsplit(url).hostname or ""):
+        # The API key travels in a header: in plain text it is anyone's on the path.
+        raise ValueError(
+            "an https:// URL (plain http:// only for a loopback host such as 127.0.0.1 or "
+            "localhost, where the key never leaves the machine)"
+        )
     return url
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)

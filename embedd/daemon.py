@@ -40,7 +40,7 @@ from embedd.limiter import Limiter
 from embedd.logs import get_logger
 from embedd.retry import RetryPolicy
 from embedd.runtime import Runtime
-from embedd.safety import check_spool_safety
+from embedd.safety import check_ownership, check_spool_safety
 from embedd.spool import SpoolPaths, check_same_filesystem, scan, sweep_stale_temps
 from embedd.store import Store
 from embedd.submitter import pause, reconcile, submit_loop
@@ -75,6 +75,7 @@ async def run_daemon(
     paths.ensure()
     check_spool_safety(paths.folders())
     check_same_filesystem(paths)
+    check_ownership(paths.state_dir / "embedd.sqlite3", paths.ledger)
     stopping = asyncio.Event()
     with _signals_handled(notifier, stopping, settings.daemon_stop_timeout):
         return await _run(settings, api_key, paths, notifier, stopping, until_idle, on_ready)

@@ -19,6 +19,7 @@ The same-file-system (EXDEV) check lives with the spool code, not here.
 from __future__ import annotations
 
 import os
+import pwd
 import stat
 from collections.abc import Mapping
 from pathlib import Path
@@ -99,6 +100,54 @@ def check_spool_safety(dirs: Mapping[str, Path]) -> None:
             raise ConfigError(problem)
 
 
+STATE_FILE_SUFFIXES = ("", "-wal", "-shm", "-journal")
+"""The state database and the files SQLite keeps beside it."""
+
+
+def _user(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def ownership_problem(path: Path, owner: int, me: int) -> str | None:
+    """Why a daemon file at *path* owned by *owner* is unusable to uid *me*, or None."""
+    if owner == me:
+        return None
+    return (
+        f"{path} is owned by {_user(owner)}, not by {_user(me)} who runs embedd, so the "
+        "daemon cannot rely on writing it (another user's `sqlite3` or an old `embedd "
+        f"status` may have made it): with the daemon stopped, run `chown {me} {path}`, or "
+        "remove it if it is a -wal/-shm/-journal file of a cleanly stopped database."
+    )
+
+
+def check_ownership(state_db: Path, ledger: Path, uid: int | None = None) -> None:
+    """Raise `ConfigError` when a file the daemon must write belongs to someone else.
+
+    SQLite opens a database it cannot write read-only without complaint and fails
+    later ("attempt to write a readonly database"), in a restart loop; one sentence
+    at start-up naming the file and the fix is better. Files that do not exist yet
+    are fine: the daemon creates them.
+    """
+    me = os.geteuid() if uid is None else uid
+    candidates = [state_db.parent, *(Path(f"{state_db}{s}") for s in STATE_FILE_SUFFIXES)]
+    for path in [*candidates, ledger]:
+        try:
+            owner = path.lstat().st_uid
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise ConfigError(
+                f"Cannot inspect {path}: {exc.strerror or type(exc).__name__}; check its "
+                "permissions."
+            ) from None
+        problem = ownership_problem(path, owner, me)
+        if problem is not None:
+            raise ConfigError(problem)
+
+
 def current_umask() -> int:
     """The process umask (read by setting and restoring it; call at start-up only)."""
     mask = os.umask(0o077)
@@ -122,9 +171,11 @@ def umask_problem(mask: int) -> str | None:
 
 __all__ = [
     "ancestor_problem",
+    "check_ownership",
     "check_spool_safety",
     "current_umask",
     "folder_problem",
+    "ownership_problem",
     "umask_problem",
     "world_writable",
 ]

@@ -13,7 +13,9 @@ message names the file or variable to fix and never contains any part of a value
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
@@ -49,11 +51,16 @@ def check_key_text(text: str, source: str) -> str:
 
 
 def _read_credential(path: Path) -> str:
-    """Read the credential file, turning every failure into a `ConfigError` about it."""
+    """Read the credential file, turning every failure into a `ConfigError` about it.
+
+    The file is opened without following a symbolic link (a link planted in the
+    credentials folder could point at any file the service may read), and refused when
+    its group or others may read or write it: a key that others can read is already
+    leaked, and the operator must know.
+    """
     source = f"the credential file {path}"
     try:
-        with path.open("rb") as f:
-            data = f.read(_MAX_CREDENTIAL_BYTES + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except PermissionError:
         raise ConfigError(
             f"Cannot read {source}: permission denied. Under systemd, load it with "
@@ -61,7 +68,28 @@ def _read_credential(path: Path) -> str:
             "reading it directly."
         ) from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConfigError(
+                f"{source.capitalize()} is a symbolic link: put the key in a regular file."
+            ) from None
         raise ConfigError(f"Cannot read {source}: {exc.strerror or type(exc).__name__}.") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise ConfigError(f"Cannot read {source}: it is not a regular file.")
+    with os.fdopen(fd, "rb") as f:
+        if info.st_mode & 0o066:
+            raise ConfigError(
+                f"{source.capitalize()} can be read or written by group or others (mode "
+                f"{stat.S_IMODE(info.st_mode):04o}): make it 0600 (or 0400) and owned by the "
+                "service's user."
+            )
+        try:
+            data = f.read(_MAX_CREDENTIAL_BYTES + 1)
+        except OSError as exc:
+            raise ConfigError(
+                f"Cannot read {source}: {exc.strerror or type(exc).__name__}."
+            ) from None
     if len(data) > _MAX_CREDENTIAL_BYTES:
         raise ConfigError(f"{source.capitalize()} is too large to be an API key: check the file.")
     try:

@@ -1,7 +1,8 @@
 """`embedd status`: what the daemon is doing, read straight from the state database.
 
-It opens the database read-only (WAL lets it read while the daemon writes), so it
-works whether the daemon runs or not. `gather` returns plain data; `render` turns
+It opens the database read-only and creates nothing (WAL lets it read while the
+daemon writes; `immutable` when the daemon is stopped), so it works whether the daemon
+runs or not, and run by another user it never leaves a file the daemon cannot write. `gather` returns plain data; `render` turns
 it into text; `--watch` redraws it with a progress bar per batch and per file.
 """
 
@@ -15,6 +16,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, TextIO
+from urllib.parse import quote
 
 from embedd.budget import period_start
 from embedd.cost import LedgerEntry, format_ts, format_usd, parse_line
@@ -23,7 +25,18 @@ BAR = 24
 
 
 def _connect(db: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5.0)
+    """Open the state database so that this process creates and changes nothing.
+
+    `mode=ro` alone is not enough: reading a WAL database makes SQLite create its
+    `-wal` and `-shm` files when they are missing, owned by whoever runs `embedd
+    status`, which the daemon (another user) then cannot write. While the daemon runs
+    both files exist and a read-only reader shares them; when they are missing the
+    daemon is stopped (or was stopped cleanly), nothing is in flight, and the file is
+    read as `immutable`, which takes no locks and creates no file.
+    """
+    wal, shm = Path(f"{db}-wal"), Path(f"{db}-shm")
+    query = "mode=ro" if wal.exists() and shm.exists() else "mode=ro&immutable=1"
+    conn = sqlite3.connect(f"file:{quote(str(db))}?{query}", uri=True, timeout=5.0)
     conn.row_factory = sqlite3.Row
     return conn
 

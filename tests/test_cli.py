@@ -87,6 +87,7 @@ def test_credential_file_wins_and_an_empty_one_exits_78(tmp_path: Path) -> None:
     creds = tmp_path / "creds"
     creds.mkdir()
     (creds / "openai_api_key").write_text("\n")
+    (creds / "openai_api_key").chmod(0o600)
     config = config_file(tmp_path, "")
     env = clean_env(CREDENTIALS_DIRECTORY=str(creds), OPENAI_API_KEY=TEST_KEY)
     result = embedd("run", "--config", str(config), env=env)

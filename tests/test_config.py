@@ -184,6 +184,16 @@ BAD_CONFIGS = [
         id="url",
     ),
     pytest.param(
+        '[openai]\nbase_url = "http://api.example.com/v1"\n',
+        ["[openai] base_url", "'http://api.example.com/v1'", "https://", "loopback"],
+        id="plain-http-remote",
+    ),
+    pytest.param(
+        '[openai]\nbase_url = "http://10.0.0.7:8080/v1"\n',
+        ["[openai] base_url", "'http://10.0.0.7:8080/v1'", "loopback"],
+        id="plain-http-private-address",
+    ),
+    pytest.param(
         '[retry]\nbase = "10s"\ncap = "5s"\n', ["[retry] cap", "5.0", "[retry] base"], id="cap"
     ),
 ]
@@ -247,14 +257,14 @@ def test_precedence_flag_env_file_default(tmp_path: Path) -> None:
 
 def test_openai_base_url_ranks_below_the_file(tmp_path: Path) -> None:
     """OPENAI_BASE_URL beats the default but not the file, EMBEDD_* or a flag."""
-    sdk = {"OPENAI_BASE_URL": "http://sdk.example/v1"}
-    assert load(None, env=sdk).openai_base_url == "http://sdk.example/v1"
-    path = write(tmp_path, '[openai]\nbase_url = "http://file.example/v1/"\n')
-    assert load(path, env=sdk).openai_base_url == "http://file.example/v1"
-    both = {**sdk, "EMBEDD_OPENAI_BASE_URL": "http://env.example/v1"}
-    assert load(path, env=both).openai_base_url == "http://env.example/v1"
-    flag = {"openai_base_url": "http://flag.example/v1"}
-    assert load(path, env=both, overrides=flag).openai_base_url == "http://flag.example/v1"
+    sdk = {"OPENAI_BASE_URL": "https://sdk.example/v1"}
+    assert load(None, env=sdk).openai_base_url == "https://sdk.example/v1"
+    path = write(tmp_path, '[openai]\nbase_url = "https://file.example/v1/"\n')
+    assert load(path, env=sdk).openai_base_url == "https://file.example/v1"
+    both = {**sdk, "EMBEDD_OPENAI_BASE_URL": "https://env.example/v1"}
+    assert load(path, env=both).openai_base_url == "https://env.example/v1"
+    flag = {"openai_base_url": "https://flag.example/v1"}
+    assert load(path, env=both, overrides=flag).openai_base_url == "https://flag.example/v1"
     assert load(None).openai_base_url == "https://api.openai.com/v1"
 
 
@@ -367,3 +377,25 @@ def test_config_path_comes_from_flag_then_env_then_cwd(
     assert find_config_path(None, {}) is None
     write(tmp_path, "")
     assert find_config_path(None, {}) == Path("config.toml")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8089/v1",
+        "http://127.5.6.7/v1",
+        "http://localhost:8089/v1",
+        "http://[::1]:8089/v1",
+        "https://my-resource.openai.azure.com/openai/v1",
+    ],
+)
+def test_base_url_plain_http_only_on_loopback(tmp_path: Path, url: str) -> None:
+    """The key may travel in plain text only to this machine (the emulator, a local proxy)."""
+    path = write(tmp_path, f'[openai]\nbase_url = "{url}"\n')
+    assert load(path).openai_base_url == url
+
+
+def test_plain_http_from_the_environment_is_refused_too() -> None:
+    """OPENAI_BASE_URL goes through the same check as the file."""
+    with pytest.raises(ConfigError, match=r"OPENAI_BASE_URL.*loopback"):
+        load(None, env={"OPENAI_BASE_URL": "http://proxy.example/v1"})

@@ -19,6 +19,7 @@ def credential(tmp_path: Path, content: bytes) -> Path:
     d = tmp_path / "credentials"
     d.mkdir()
     (d / CREDENTIAL_NAME).write_bytes(content)
+    (d / CREDENTIAL_NAME).chmod(0o600)
     return d
 
 
@@ -130,3 +131,34 @@ def test_unreadable_credential_file_names_load_credential(tmp_path: Path) -> Non
     (d / CREDENTIAL_NAME).chmod(0)
     with pytest.raises(ConfigError, match="LoadCredential=openai_api_key"):
         load_api_key(environ={"CREDENTIALS_DIRECTORY": str(d)})
+
+
+def test_credential_symlink_is_refused_not_followed(tmp_path: Path) -> None:
+    """A link in the key's place is refused: the daemon reads no file it points at."""
+    target = tmp_path / "elsewhere"
+    target.write_text(KEY)
+    target.chmod(0o600)
+    d = tmp_path / "creds"
+    d.mkdir()
+    (d / CREDENTIAL_NAME).symlink_to(target)
+    with pytest.raises(ConfigError, match="symbolic link") as err:
+        load_api_key(environ={"CREDENTIALS_DIRECTORY": str(d)})
+    assert KEY not in str(err.value)
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o644, 0o660])
+def test_credential_readable_by_others_is_refused(tmp_path: Path, mode: int) -> None:
+    """A key file that group or others can read is refused, naming its mode and the fix."""
+    d = credential(tmp_path, KEY.encode())
+    (d / CREDENTIAL_NAME).chmod(mode)
+    with pytest.raises(ConfigError, match=rf"mode {mode:04o}.*0600") as err:
+        load_api_key(environ={"CREDENTIALS_DIRECTORY": str(d)})
+    assert KEY not in str(err.value)
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o400])
+def test_credential_private_modes_are_accepted(tmp_path: Path, mode: int) -> None:
+    """systemd's own credential files are 0400; a hand-made 0600 file works as well."""
+    d = credential(tmp_path, KEY.encode())
+    (d / CREDENTIAL_NAME).chmod(mode)
+    assert load_api_key(environ={"CREDENTIALS_DIRECTORY": str(d)}) == KEY

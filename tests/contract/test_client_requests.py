@@ -230,7 +230,7 @@ def write_config(tmp_path: Path, base_url: str) -> Path:
 
 async def test_daemon_pipeline_requests_fit_the_spec(tmp_path: Path) -> None:
     """A whole daemon run (batch and sync lanes) sends only requests the description accepts."""
-    settings = load_settings(write_config(tmp_path, "http://placeholder/v1"), environ={})
+    settings = load_settings(write_config(tmp_path, "http://127.0.0.1:9/v1"), environ={})
     spool = settings.spool_root
     docs = {
         "notes.jsonl": b'{"id": "a", "text": "the first note"}\n{"id": "b", "text": "second"}\n',
