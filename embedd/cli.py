@@ -94,6 +94,12 @@ def _parser() -> argparse.ArgumentParser:
         default=60.0,
         help="enforce --rpm/--tpm in windows of this many seconds (pro rata; default 60)",
     )
+    emu.add_argument(
+        "--auth-header",
+        choices=("authorization", "api-key"),
+        default="authorization",
+        help="where the key is expected: Authorization: Bearer (default) or api-key (Azure)",
+    )
     return p
 
 
@@ -256,6 +262,7 @@ def _emulator(args: argparse.Namespace) -> int:
         enqueued_token_limit=args.enqueued_token_limit,
         seed=args.seed,
         rate_window_s=args.rate_window,
+        auth_header=args.auth_header,
     )
     return main_emulator(args.host, args.port, config)
 
