@@ -219,7 +219,7 @@ KEYS: tuple[Key, ...] = (
         "base_url",
         _base_url,
         "https://api.openai.com/v1",
-        "the API's base URL (OpenAI, Azure-style, or the emulator)",
+        "the API's base URL (OpenAI, Azure OpenAI's v1 API, or the emulator)",
     ),
     Key(
         "openai",
