@@ -143,8 +143,11 @@ async def _run(
         if settings.metrics_listen:
             metrics_server = MetricsServer(rt)
             edges.push_async_callback(metrics_server.close)
-            url = await metrics_server.start(settings.metrics_listen)
-            log.info("metrics.listening", url=url)
+            try:
+                url = await metrics_server.start(settings.metrics_listen)
+                log.info("metrics.listening", url=url)
+            except OSError as exc:  # address in use or not ours: embed anyway, say so
+                log.error("metrics.unavailable", listen=settings.metrics_listen, error=str(exc))
         return await _serve(rt, notifier, until_idle, on_ready)
 
 

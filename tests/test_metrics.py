@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import socket
 import subprocess
 import urllib.request
 from collections.abc import Callable
@@ -250,3 +251,22 @@ def test_promtool_accepts_the_documented_alert_rules(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS: 3 rules found" in result.stdout
+
+
+def test_a_taken_metrics_address_is_logged_and_the_daemon_embeds_anyway(
+    start_emulator: Callable[..., EmulatorProcess],
+    start_daemon: Callable[..., DaemonProcess],
+) -> None:
+    """Metrics are not worth an outage: when the address is taken, the daemon logs
+    `metrics.unavailable` with the address and goes on embedding."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        daemon = start_daemon(start_emulator().url, metrics={"listen": listen})
+        drop(daemon.spool, "a.txt", b"metrics or not")
+        daemon.wait_done(["a.txt"])
+    assert daemon.outputs() == ["a.txt.npy"]
+    [event] = [e for e in daemon.events() if e.get("event") == "metrics.unavailable"]
+    assert event["listen"] == listen
+    assert daemon.stop() == 0
