@@ -239,6 +239,8 @@ class Submission:
             import watchfiles
 
             folders = [p for p in (self.spool.outbox, self.spool.failed) if p.is_dir()]
+            if not folders:
+                raise FileNotFoundError("no outbox/ or failed/ to watch yet")
             async for _changes in watchfiles.awatch(
                 *folders, rust_timeout=500, yield_on_timeout=True, recursive=False
             ):

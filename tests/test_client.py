@@ -167,3 +167,30 @@ def test_a_waiting_name_is_never_replaced(tmp_path: Path) -> None:
     assert list((tmp_path / "tmp").iterdir()) == []
     with pytest.raises(FileNotFoundError, match="not a spool"):
         Spool(tmp_path / "nowhere").submit_records([{"text": "x"}], "x")
+
+
+async def test_wait_async_polls_where_there_is_nothing_to_watch(tmp_path: Path) -> None:
+    """With no outbox/ to watch when the wait starts (file events unavailable), the wait
+    polls: a result published later under the protocol's rules is still found."""
+    import asyncio
+    import hashlib
+
+    for folder in ("tmp", "inbox/sync"):
+        (tmp_path / folder).mkdir(parents=True)
+    spool = Spool(tmp_path)
+    sub = spool.submit_records([{"id": "a", "text": "later"}], "late")
+    waiting = asyncio.create_task(sub.wait_async(timeout=30))
+    await asyncio.sleep(0)  # the wait has started and found nothing to watch
+    assert not waiting.done()
+    data = (tmp_path / "inbox" / "late.jsonl").read_bytes()
+    (tmp_path / "outbox").mkdir()
+    manifest = {"source": "late.jsonl", "sha256": hashlib.sha256(data).hexdigest()}
+    manifest["records"] = [{"id": "a"}]
+    (tmp_path / "outbox" / "late.jsonl.json").write_text(json.dumps(manifest))
+    staged = tmp_path / "outbox" / ".late.jsonl.npy.tmp"  # written whole, then renamed
+    with staged.open("wb") as fh:
+        np.save(fh, np.ones((1, 4), dtype=np.float32))
+    staged.rename(tmp_path / "outbox" / "late.jsonl.npy")
+    result = await waiting
+    assert result.ids == ["a"]
+    assert result.vectors.shape == (1, 4)
