@@ -14,7 +14,8 @@
 Only the spool protocol of SPEC §1 is used; nothing here reads the daemon's state.
 
 Submitting: the bytes are written under `tmp/`, fsynced, then hard-linked into
-`inbox/` (or `inbox/sync/`) under their name, and the temporary name removed. A link
+`inbox/` (or `inbox/sync/`) under their name, and the temporary name removed (the
+spool's file system must support hard links; Linux's local ones do). A link
 never replaces an existing name: if the name is already waiting in the inbox,
 `FileExistsError` is raised and nothing is submitted (no other name is chosen, since
 the results would then carry a name the producer did not pick).
@@ -112,6 +113,8 @@ class Spool:
     def _submit(self, name: str, sync: bool, fill: _Fill) -> Submission:
         if name in ("", ".", "..") or "/" in name or "\x00" in name:
             raise ValueError(f"not a plain file name: {name!r}")
+        if name.startswith(".") or name.endswith((".tmp", ".part")):
+            raise ValueError(f"{name!r} would be ignored by the daemon (., .tmp, .part)")
         target_dir = self.inbox / "sync" if sync else self.inbox
         if not target_dir.is_dir() or not self.tmp.is_dir():
             raise FileNotFoundError(

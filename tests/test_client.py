@@ -156,7 +156,8 @@ async def test_wait_async_times_out_then_reports_a_failure(
 
 def test_a_waiting_name_is_never_replaced(tmp_path: Path) -> None:
     """Submitting a name already waiting in the inbox raises FileExistsError and leaves
-    the waiting file and tmp/ as they were."""
+    the waiting file and tmp/ as they were; a name the daemon would ignore or that is
+    not a plain name is refused before anything is written."""
     for folder in ("tmp", "inbox/sync", "outbox", "failed"):
         (tmp_path / folder).mkdir(parents=True)
     spool = Spool(tmp_path)
@@ -165,6 +166,9 @@ def test_a_waiting_name_is_never_replaced(tmp_path: Path) -> None:
         spool.submit_records([{"text": "second"}], "same")
     assert json.loads((tmp_path / "inbox" / "same.jsonl").read_text()) == {"text": "first"}
     assert list((tmp_path / "tmp").iterdir()) == []
+    for ignored in (".hidden", "draft.tmp", "upload.part", "a/b"):
+        with pytest.raises(ValueError, match="ignored by the daemon|not a plain file name"):
+            spool.submit_file(tmp_path / "inbox" / "same.jsonl", name=ignored)
     with pytest.raises(FileNotFoundError, match="not a spool"):
         Spool(tmp_path / "nowhere").submit_records([{"text": "x"}], "x")
 
