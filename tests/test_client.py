@@ -167,7 +167,7 @@ def test_a_waiting_name_is_never_replaced(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "inbox" / "same.jsonl").read_text()) == {"text": "first"}
     assert list((tmp_path / "tmp").iterdir()) == []
     for ignored in (".hidden", "draft.tmp", "upload.part", "a/b"):
-        with pytest.raises(ValueError, match="ignored by the daemon|not a plain file name"):
+        with pytest.raises(ValueError, match=r"ignored by the daemon|not a plain file name"):
             spool.submit_file(tmp_path / "inbox" / "same.jsonl", name=ignored)
     with pytest.raises(FileNotFoundError, match="not a spool"):
         Spool(tmp_path / "nowhere").submit_records([{"text": "x"}], "x")
