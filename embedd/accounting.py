@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 
+from embedd import metrics
 from embedd.budgeting import check_spend
 from embedd.cost import LedgerEntry, entry_row, make_entry, parse_line
 from embedd.runtime import Runtime
@@ -36,6 +37,13 @@ async def flush_ledger(rt: Runtime) -> int:
         if await asyncio.to_thread(rt.ledger.append, entry):
             appended += 1
             usage = usage or isinstance(entry, LedgerEntry)
+            if isinstance(entry, LedgerEntry):
+                metrics.usage(
+                    entry.kind,
+                    entry.tokens,
+                    float(entry.cost_usd),
+                    float(entry.saved_usd + entry.dedup_saved_usd),
+                )
         await rt.store.mark_ledger_written(row["id"])
     if usage:
         await check_spend(rt)

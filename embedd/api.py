@@ -12,7 +12,8 @@ Every call takes the same path::
   and raises ``SubmissionPaused``; the caller stops submitting and keeps the work.
 - While the breaker is open, ``BreakerOpen`` is raised and nothing is sent.
 
-The API key only ever goes into the ``Authorization`` header. Error messages are
+The API key only ever goes into the ``Authorization`` header (``api-key`` for Azure
+OpenAI, with ``[openai] auth_header = "api-key"``). Error messages are
 built from the server's answer and scrubbed of anything that looks like a key.
 """
 
@@ -34,6 +35,7 @@ from typing import Any, BinaryIO
 import aiohttp
 import structlog
 
+from embedd import metrics
 from embedd.batchlines import request_body
 from embedd.breaker import Breaker
 from embedd.crashpoints import crash_point
@@ -127,6 +129,7 @@ class OpenAIClient:
         breaker: Breaker,
         organization: str | None = None,
         project: str | None = None,
+        auth_header: str = "authorization",
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         wall_clock: Callable[[], float] = time.time,
@@ -135,7 +138,11 @@ class OpenAIClient:
         self._session = session
         self._base = base_url.rstrip("/")
         self._api_key = api_key
-        self._headers = {"Authorization": f"Bearer {api_key}"}
+        # Azure OpenAI takes the key as `api-key: KEY`; OpenAI as a bearer token.
+        if auth_header == "api-key":
+            self._headers = {"api-key": api_key}
+        else:
+            self._headers = {"Authorization": f"Bearer {api_key}"}
         if organization:
             self._headers["OpenAI-Organization"] = organization
         if project:
@@ -192,7 +199,9 @@ class OpenAIClient:
                     f"{op}: circuit breaker open, next probe in {wait:.1f}s", retry_after=wait
                 )
             await self.limiter.acquire(1, tokens)
+            started = time.perf_counter()
             outcome = await send()
+            metrics.api_call(op, outcome.status, time.perf_counter() - started)
             code = outcome.error.get("code")
             decision = classify(
                 outcome.status, code if isinstance(code, str) else None,
@@ -245,6 +254,7 @@ class OpenAIClient:
         else:
             self.breaker.record_failure(now)
         after = self.breaker.state(now)
+        metrics.BREAKER_OPEN.set(after == "open")
         if after != before:
             self._log.warning(
                 f"breaker.{after}",

@@ -1,6 +1,6 @@
 """The `embedd` command: parse argv, resolve settings, run one subcommand, return its code.
 
-Exit codes: 0 ok, 2 bad usage, 78 bad config or missing API key (systemd's
+Exit codes: 0 ok, 2 bad usage, 75 `submit --wait` timed out, 78 bad config or missing API key (systemd's
 `RestartPreventExitStatus=78` then stops a restart loop), 1 anything else.
 """
 
@@ -11,7 +11,6 @@ import asyncio
 import dataclasses
 import os
 import secrets
-import shutil
 import signal
 import sys
 import tempfile
@@ -20,10 +19,10 @@ from decimal import Decimal
 from pathlib import Path
 
 from embedd import __version__
-from embedd.config import Settings, find_config_path, load_settings
+from embedd.config import Settings, find_config_path, load_settings, parse_duration
 from embedd.errors import ConfigError, EmbeddError
 
-EX_OK, EX_FAIL, EX_USAGE, EX_CONFIG = 0, 1, 2, 78
+EX_OK, EX_FAIL, EX_USAGE, EX_TEMPFAIL, EX_CONFIG = 0, 1, 2, 75, 78
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,12 +53,26 @@ def _parser() -> argparse.ArgumentParser:
         help="offline demo: temporary spool, emulator, sample documents, results, cost report",
     )
     submit = sub.add_parser(
-        "submit", parents=[common], help="copy files into the inbox safely (tmp/ then rename)"
+        "submit",
+        parents=[common],
+        help="copy files into the inbox safely (tmp/, then a link that never replaces a name)",
+        description="Copy files into the inbox. With --wait, print one line per input: "
+        "`done outbox/NAME.npy (ROWS, DIMS)` or `failed failed/NAME.error.json: REASON`. "
+        "Exit 0 all done, 1 any failed (or not submitted), 75 timeout.",
     )
     submit.add_argument("files", nargs="+", metavar="FILE")
     submit.add_argument(
         "--sync", action="store_true", help="use the synchronous lane (inbox/sync/)"
     )
+    submit.add_argument(
+        "--wait", action="store_true", help="block until each input is done or failed"
+    )
+    submit.add_argument(
+        "--timeout",
+        metavar="DUR",
+        help='with --wait: give up after this long ("90s", "2h"; exit 75)',
+    )
+    submit.add_argument("--json", action="store_true", help="one JSON object a line")
     status = sub.add_parser("status", parents=[common], help="queue, batches, breaker, spend")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument(
@@ -94,6 +107,12 @@ def _parser() -> argparse.ArgumentParser:
         default=60.0,
         help="enforce --rpm/--tpm in windows of this many seconds (pro rata; default 60)",
     )
+    emu.add_argument(
+        "--auth-header",
+        choices=("authorization", "api-key"),
+        default="authorization",
+        help="where the key is expected: Authorization: Bearer (default) or api-key (Azure)",
+    )
     return p
 
 
@@ -104,7 +123,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(sig, _stop_before_start)
     if argv[:1] == ["report"]:
         return _report(argv[1:])
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    timeout: float | None = None
+    if args.command == "submit" and args.timeout is not None:
+        if not args.wait:
+            parser.error("--timeout needs --wait")
+        try:
+            timeout = parse_duration(args.timeout)
+        except ValueError as exc:
+            parser.error(f"--timeout {args.timeout!r}: expected {exc}")
     try:
         if args.command == "emulator":
             return _emulator(args)
@@ -114,7 +142,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             return _run(settings)
         if args.command == "submit":
-            return _submit(settings, [Path(f) for f in args.files], args.sync)
+            from embedd.spool import SpoolPaths
+
+            SpoolPaths.from_root(settings.spool_root, settings.spool_state_dir).ensure()
+            return submit_main(
+                settings.spool_root,
+                [Path(f) for f in args.files],
+                sync=args.sync,
+                wait=args.wait,
+                timeout=timeout,
+                as_json=args.json,
+            )
         if args.command == "status":
             return _status(settings, as_json=args.json, watch=args.watch)
     except ConfigError as exc:
@@ -174,35 +212,70 @@ def _run(settings: Settings) -> int:
         os._exit(EX_FAIL)
 
 
-def _submit(settings: Settings, files: list[Path], sync: bool) -> int:
-    from embedd.spool import SpoolPaths, fsync_dir
+def submit_main(
+    spool_root: Path,
+    files: list[Path],
+    *,
+    sync: bool,
+    wait: bool,
+    timeout: float | None,
+    as_json: bool,
+) -> int:
+    """`embedd submit`: link each file into the inbox; with `wait`, report each outcome.
 
-    paths = SpoolPaths.from_root(settings.spool_root, settings.spool_state_dir)
-    paths.ensure()
-    target_dir = paths.inbox_sync if sync else paths.inbox
+    A name already waiting in the inbox is never replaced: that file is not submitted
+    (exit 1). Exit 0 all done, 1 any failed or not submitted, 75 any without an outcome
+    by the deadline.
+    """
+    import json
+    import time
+
+    from embedd.client import Spool, Submission, SubmissionFailed, SubmissionTimeout
+
+    spool = Spool(spool_root)
     code = EX_OK
+    submitted: list[tuple[Path, Submission]] = []
     for src in files:
         if not src.is_file():
             print(f"embedd submit: {src} is not a readable file; skipped", file=sys.stderr)
             code = EX_FAIL
             continue
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{src.name}.", suffix=".tmp", dir=paths.tmp)
-        tmp = Path(tmp_name)
-        with os.fdopen(fd, "wb") as out, src.open("rb") as inp:
-            shutil.copyfileobj(inp, out, 1 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        tmp.chmod(0o640)
-        dest = target_dir / src.name
-        if dest.exists():
-            tmp.unlink()
-            print(f"embedd submit: {dest} is already waiting; skipped", file=sys.stderr)
+        try:
+            sub = spool.submit_file(src, sync=sync)
+        except (OSError, ValueError) as exc:
+            print(f"embedd submit: {exc}; skipped", file=sys.stderr)
             code = EX_FAIL
             continue
-        os.rename(tmp, dest)
-        fsync_dir(target_dir)
-        print(dest)
-    return code
+        submitted.append((src, sub))
+        if not wait:
+            line = {"file": str(src), "submitted": str(sub.path)}
+            print(json.dumps(line) if as_json else sub.path, flush=True)
+    if not wait:
+        return code
+    deadline = None if timeout is None else time.monotonic() + timeout
+    timed_out = False
+    for src, sub in submitted:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        out: dict[str, object] = {"file": str(src), "name": sub.name}
+        try:
+            result = sub.wait(left)
+        except SubmissionFailed as exc:
+            rel = exc.error_path.relative_to(spool.root)
+            out |= {"outcome": "failed", "path": str(rel), "reason": exc.reason}
+            out["records"] = exc.records
+            text = f"failed {rel}: {exc.reason}"
+            code = max(code, EX_FAIL)
+        except SubmissionTimeout:
+            timed_out = True
+            out |= {"outcome": "timeout", "timeout_s": timeout}
+            text = f"timeout {sub.name}: no outcome within {timeout:g}s"
+        else:
+            rel = result.path.relative_to(spool.root)
+            rows, dims = result.vectors.shape
+            out |= {"outcome": "done", "path": str(rel), "rows": rows, "dimensions": dims}
+            text = f"done {rel} ({rows}, {dims})"
+        print(json.dumps(out) if as_json else text, flush=True)
+    return EX_TEMPFAIL if timed_out else code
 
 
 def _status(settings: Settings, *, as_json: bool, watch: bool) -> int:
@@ -256,6 +329,7 @@ def _emulator(args: argparse.Namespace) -> int:
         enqueued_token_limit=args.enqueued_token_limit,
         seed=args.seed,
         rate_window_s=args.rate_window,
+        auth_header=args.auth_header,
     )
     return main_emulator(args.host, args.port, config)
 

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from embedd import metrics
 from embedd.accounting import flush_ledger, ledger_time
 from embedd.batchlines import LineResult, MalformedLine, parse_output_line
 from embedd.cost import entry_row, make_entry
@@ -190,6 +191,9 @@ async def collect(rt: Runtime, shard: str, batch: dict[str, Any]) -> None:
         requeued=len(requeue),
         tokens=tokens,
     )
+    created = batch.get("created_at")
+    if isinstance(created, int | float):  # submitted (the API's clock) to collected
+        metrics.TURNAROUND.observe(max(0.0, rt.clock() - created))
     await flush_ledger(rt)
     await _clean_up(rt, shard, batch, files)
     rt.wake.kick("deliver", "plan")

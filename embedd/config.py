@@ -129,6 +129,17 @@ def _one_of(*choices: str) -> Callable[[object], str]:
     return check
 
 
+def _listen(value: object) -> str | None:
+    """`"HOST:PORT"` (`"[::1]:9464"` for IPv6; port 0 picks a free one), or unset."""
+    text = _optional_string(value)
+    if text is None:
+        return None
+    host, sep, port = text.rpartition(":")
+    if sep and host and port.isdigit() and int(port) < 65536:
+        return text
+    raise ValueError('an address such as "127.0.0.1:9464", or "" for off')
+
+
 def _base_url(value: object) -> str:
     url = _string(value).rstrip("/")
     if not re.match(r"^https?://[^/\s]+", url):
@@ -225,7 +236,7 @@ KEYS: tuple[Key, ...] = (
         "base_url",
         _base_url,
         "https://api.openai.com/v1",
-        "the API's base URL (OpenAI, Azure-style, or the emulator)",
+        "the API's base URL (OpenAI, Azure OpenAI's v1 API, or the emulator); https:// except for a loopback host",
     ),
     Key(
         "openai",
@@ -264,6 +275,13 @@ KEYS: tuple[Key, ...] = (
         "extra CA bundle for TLS behind a corporate proxy (TLS is always verified)",
     ),
     Key("openai", "timeout", parse_duration, "300s", "longest wait for one HTTP response"),
+    Key(
+        "openai",
+        "auth_header",
+        _one_of("authorization", "api-key"),
+        "authorization",
+        "how the key is sent: Authorization: Bearer KEY (OpenAI), or api-key: KEY (Azure OpenAI)",
+    ),
     Key("batch", "max_lines", _positive_int, 20000, "most requests in one batch file"),
     Key("batch", "max_bytes", parse_size, "190MB", "largest batch file (the API takes 200 MB)"),
     Key(
@@ -354,6 +372,13 @@ KEYS: tuple[Key, ...] = (
         "0.5s",
         "with --emulate: poll interval used instead of [batch] poll_interval",
     ),
+    Key(
+        "metrics",
+        "listen",
+        _listen,
+        None,
+        "serve Prometheus metrics on GET /metrics at this HOST:PORT (unset: off)",
+    ),
 )
 
 DEFAULT_PRICES: dict[str, tuple[Decimal, Decimal]] = {
@@ -383,6 +408,7 @@ class Settings:
     openai_project: str | None
     openai_ca_file: Path | None
     openai_timeout: float
+    openai_auth_header: str
     batch_max_lines: int
     batch_max_bytes: int
     batch_queue_tokens: int
@@ -405,6 +431,7 @@ class Settings:
     budget_action: str
     emulator_phase_time: float
     emulator_poll_interval: float
+    metrics_listen: str | None
     prices: Mapping[str, tuple[Decimal, Decimal]] = field(
         default_factory=lambda: dict(DEFAULT_PRICES)
     )

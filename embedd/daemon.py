@@ -38,6 +38,7 @@ from embedd.intake import resume_claims, scan_and_claim
 from embedd.ledger import Ledger
 from embedd.limiter import Limiter
 from embedd.logs import get_logger
+from embedd.metrics_http import MetricsServer
 from embedd.retry import RetryPolicy
 from embedd.runtime import Runtime
 from embedd.safety import check_ownership, check_spool_safety
@@ -102,6 +103,7 @@ async def _run(
                     validating_s=phase,
                     in_progress_s=phase,
                     finalizing_s=phase,
+                    auth_header=settings.openai_auth_header,
                 )
             )
             edges.push_async_callback(emulator.stop)
@@ -120,6 +122,7 @@ async def _run(
             breaker=Breaker(settings.breaker_failures, settings.breaker_cooldown),
             organization=settings.openai_organization,
             project=settings.openai_project,
+            auth_header=settings.openai_auth_header,
             logger=get_logger("embedd.api"),
         )
         tokenizer = await asyncio.to_thread(Tokenizer)
@@ -138,6 +141,14 @@ async def _run(
         facts = await store.facts()
         if isinstance(facts.get("queue_limit"), int):
             rt.queue_limit = min(rt.queue_limit, facts["queue_limit"])
+        if settings.metrics_listen:
+            metrics_server = MetricsServer(rt)
+            edges.push_async_callback(metrics_server.close)
+            try:
+                url = await metrics_server.start(settings.metrics_listen)
+                log.info("metrics.listening", url=url)
+            except OSError as exc:  # address in use or not ours: embed anyway, say so
+                log.error("metrics.unavailable", listen=settings.metrics_listen, error=str(exc))
         return await _serve(rt, notifier, until_idle, on_ready)
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from embedd import metrics
 from embedd.accounting import record_dedup
 from embedd.cost import cost, money
 from embedd.crashpoints import crash_point
@@ -107,6 +108,10 @@ async def deliver(rt: Runtime, row: Any) -> None:
         await record_dedup(rt, job, row["lane"], dedup)
     await rt.store.move_file(job, "done", completed_at=rt.clock(), result=str(path))
     rt.log.info("file.done", file=name, job=job, result=path.name, records=len(records))
+    cached = sum(1 for r in records if r["cached"])
+    metrics.file_finished(
+        row["lane"], "done", {"embedded": len(records) - cached, "cached": cached}
+    )
 
 
 def _record_entry(r: Any, chunks: int) -> dict[str, Any]:

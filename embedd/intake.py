@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
+from embedd import metrics
 from embedd.batchlines import encode_request_line
 from embedd.crashpoints import crash_point
 from embedd.documents import Record, parse_document
@@ -176,6 +177,12 @@ async def refuse(
     target = await asyncio.to_thread(write_failure, rt.paths, work, name, job, error)
     await rt.store.move_file(job, "failed", reason=exc.message, result=str(target))
     rt.log.warning("file.failed", file=name, job=job, reason=exc.message)
+    metrics.file_finished(await _lane_of(rt, job), "failed", {"failed": len(exc.records)})
+
+
+async def _lane_of(rt: Runtime, job: str) -> str:
+    row = await rt.store.file(job)
+    return str(row["lane"]) if row is not None else "batch"
 
 
 PreparedRecord = tuple[Record, int, list[tuple[str, Chunk]]]

@@ -42,7 +42,8 @@ COST = Counter(
 )
 SAVED = Counter(
     "embedd_saved_usd",
-    "Money saved against the synchronous API's price, in USD (batch discount).",
+    "Money saved, in USD: the batch discount against the synchronous price, plus "
+    "deduplicated tokens not billed at all.",
     registry=REGISTRY,
 )
 API_REQUESTS = Counter(
@@ -72,7 +73,7 @@ SUBMISSION_PAUSED = Gauge(
 TURNAROUND = Histogram(
     "embedd_batch_turnaround_seconds",
     "Time from a batch's submission to its collection.",
-    buckets=(60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400, 172800),
+    buckets=(1, 10, 60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400, 172800),
     registry=REGISTRY,
 )
 UNIT_FAILURES = Counter(
@@ -87,3 +88,34 @@ STAGE_BLOCKED = Gauge(
     ["stage", "reason"],
     registry=REGISTRY,
 )
+
+
+PAUSE_REASONS = ("auth", "quota", "budget")
+_QUOTA_CODES = ("insufficient_quota", "billing_hard_limit_reached")
+
+
+def pause_kind(message: str) -> str:
+    """The `submission_paused` label of an API pause: "quota" for a spent quota or
+    billing limit, else "auth" (a refused key, organisation or project)."""
+    return "quota" if any(code in message for code in _QUOTA_CODES) else "auth"
+
+
+def api_call(op: str, status: int | None, seconds: float) -> None:
+    """One HTTP attempt to the API: its status ("error" with no answer) and duration."""
+    API_REQUESTS.labels(op=op, code=str(status) if status is not None else "error").inc()
+    API_DURATION.labels(op=op).observe(max(0.0, seconds))
+
+
+def file_finished(lane: str, outcome: str, records: dict[str, int]) -> None:
+    """An input file reached `done` or `failed`; `records` counts its records by outcome."""
+    FILES.labels(lane=lane, outcome=outcome).inc()
+    for record_outcome, count in records.items():
+        if count:
+            RECORDS.labels(lane=lane, outcome=record_outcome).inc(count)
+
+
+def usage(lane: str, tokens: int, cost_usd: float, saved_usd: float) -> None:
+    """A usage line reached the ledger: billed tokens, money spent and saved."""
+    TOKENS.labels(lane=lane).inc(max(tokens, 0))
+    COST.labels(lane=lane).inc(max(cost_usd, 0.0))
+    SAVED.inc(max(saved_usd, 0.0))

@@ -500,6 +500,11 @@ class Store:
         )
         return int(row[0]) if row else 0
 
+    async def vectors_bytes(self) -> int:
+        """Bytes of the stored vectors (the dedup cache, while it lives in this table)."""
+        row = await self._one("SELECT COALESCE(SUM(LENGTH(vector)), 0) FROM vectors")
+        return int(row[0]) if row else 0
+
     async def apply_results(
         self,
         *,

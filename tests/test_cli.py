@@ -204,9 +204,9 @@ class Inotify:
 
 @pytest.mark.parametrize("sync", [False, True], ids=["batch", "sync"])
 def test_submit_renames_a_whole_file_into_the_inbox(tmp_path: Path, sync: bool) -> None:
-    """`embedd submit` writes in tmp/ and renames: the inbox only ever sees the name
-    appear complete (a single moved_to, never create or write), no temp file is left,
-    and the file has the group-readable mode."""
+    """`embedd submit` writes in tmp/ and hard-links the finished file into the inbox:
+    the inbox only ever sees the name appear complete (a single link, never a write),
+    no temp file is left, and the file has the group-readable mode."""
     config = config_file(tmp_path, "")
     inbox = tmp_path / "spool" / "inbox" / ("sync" if sync else "")
     inbox.mkdir(parents=True)
@@ -220,7 +220,7 @@ def test_submit_renames_a_whole_file_into_the_inbox(tmp_path: Path, sync: bool) 
         watch.close()
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(inbox / "report.md")
-    assert events == [("moved_to", "report.md")]
+    assert events == [("create", "report.md")]  # link(): created whole, never written
     assert (inbox / "report.md").read_bytes() == src.read_bytes()
     assert (inbox / "report.md").stat().st_mode & 0o777 == 0o640
     assert list((tmp_path / "spool" / "tmp").iterdir()) == []

@@ -78,9 +78,13 @@ def test_unit_has_the_required_settings() -> None:
 
 
 def test_config_points_at_the_units_folders() -> None:
-    """systemd/config.toml sets exactly the spool root and state dir the unit grants."""
+    """systemd/config.toml sets exactly the spool root and state dir the unit grants, and
+    serves metrics on loopback (127.0.0.1:9464)."""
     config = tomllib.loads((SYSTEMD / "config.toml").read_text())
-    assert config == {"spool": {"root": "/var/spool/embedd", "state_dir": "/var/lib/embedd"}}
+    assert config == {
+        "spool": {"root": "/var/spool/embedd", "state_dir": "/var/lib/embedd"},
+        "metrics": {"listen": "127.0.0.1:9464"},
+    }
     s = unit_settings()
     assert s["ReadWritePaths"] == [config["spool"]["root"]]
     assert "/var/lib/" + s["StateDirectory"][0] == config["spool"]["state_dir"]

@@ -21,7 +21,7 @@ class EmulatorConfig:
     per-second one): each slice allows its share, ``limit * rate_window_s / 60``,
     while the headers keep reporting the per-minute limit. ``faults`` is a fault script (see
     :mod:`embedd.emulator.faults`); ``seed`` makes random faults and output order
-    reproducible.
+    reproducible. ``auth_header`` selects where the key is expected.
     """
 
     api_key: str | None = None
@@ -35,3 +35,6 @@ class EmulatorConfig:
     rate_window_s: float = 60.0
     faults: Mapping[str, Any] | None = None
     seed: int = 0
+    # "authorization" (OpenAI: `Authorization: Bearer KEY`) or "api-key" (Azure OpenAI:
+    # `api-key: KEY`); the other header is then refused like a missing key.
+    auth_header: str = "authorization"

@@ -1,7 +1,8 @@
 """The emulator's aiohttp application: auth, faults, rate limits and the sync endpoint.
 
 Request flow for every path under ``/v1``: unknown route -> 404 in OpenAI's shape;
-no ``Authorization: Bearer sk-...`` (or not the configured key) -> 401; then the
+no ``Authorization: Bearer sk-...`` (or, with ``auth_header="api-key"`` as Azure
+OpenAI takes it, no ``api-key: sk-...``; or not the configured key) -> 401; then the
 fault script may answer instead of the handler (429, 5xx with HTML, dropped
 connection) or spoil the answer afterwards (truncated body, lost response). Handlers
 raise :class:`~embedd.emulator.errors.ApiError`, which becomes OpenAI's error body.
@@ -120,11 +121,16 @@ def json_response(
     )
 
 
-def _authorised(request: web.Request, key: str | None) -> bool:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise unauthorized(has_key=False)
+def _authorised(request: web.Request, key: str | None, auth_header: str) -> bool:
+    if auth_header == "api-key":
+        token = request.headers.get("api-key", "")
+        if not token:
+            raise unauthorized(has_key=False)
+    else:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise unauthorized(has_key=False)
     if key is None:
         return token.startswith("sk-")
     return hmac.compare_digest(token.encode(), key.encode())
@@ -193,7 +199,7 @@ async def openai_middleware(request: web.Request, handler: Handler) -> web.Strea
             error_body(f"Invalid URL ({request.method} {request.path})"), status=404
         )
     try:
-        if not _authorised(request, emu.config.api_key):
+        if not _authorised(request, emu.config.api_key, emu.config.auth_header):
             raise unauthorized(has_key=True)
     except ApiError as exc:
         return json_response(exc.body(), status=exc.status)

@@ -11,6 +11,10 @@ the server, where the client would only see a 500 and retry.
 
 The matching and checking functions are pure: :func:`check_request` and
 :func:`check_response` take values and return lists of problems.
+
+Where the published YAML is absent (a fresh clone), the proxy still referees every
+exchange of the operations embedd uses with the official SDK's types
+(:mod:`referee`); where it exists, both referees judge.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from functools import cache
 from typing import Any
 
 import aiohttp
+import referee
 import schemas
 from aiohttp import web
 
@@ -202,6 +207,35 @@ def check_request(
     return op, json_body, form, problems
 
 
+def check_request_sdk(
+    method: str, path: str, query: dict[str, str], headers: dict[str, str], raw: bytes
+) -> tuple[str | None, Any, dict[str, Any], list[str]]:
+    """Check one request with the SDK's types alone; return (operation id, JSON, form, problems)."""
+    label = f"{method} {path}"
+    found = referee.find_operation(method, path.removeprefix(API_PREFIX))
+    if not path.startswith(API_PREFIX + "/") or found is None:
+        return None, None, {}, [f"{label}: not an operation embedd uses"]
+    op = found[0]
+    media = headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+    json_body: Any = None
+    form: dict[str, Any] = {}
+    problems: list[str] = []
+    if op == "createFile":
+        if media != "multipart/form-data":
+            problems.append(f"{label}: content type {media!r}, expected multipart/form-data")
+        else:
+            form = parse_form(headers["Content-Type"], raw)
+    elif op in ("createBatch", "createEmbedding"):
+        try:
+            json_body = json.loads(raw)
+        except ValueError:
+            problems.append(f"{label}: body is not JSON")
+    elif raw:
+        problems.append(f"{label}: sends a body, the operation takes none")
+    problems += referee.request_problems(op, query, headers, json_body, form)
+    return op, json_body, form, problems
+
+
 def check_response(op: Operation | None, status: int, content_type: str, raw: bytes) -> list[str]:
     """Check one answer against the operation's 200 schema or ``ErrorResponse``."""
     if op is None:
@@ -255,12 +289,21 @@ class SpecProxy:
         query = dict(request.query)
         if len(query) != len(request.query):
             self.problems.append(f"{request.method} {request.path}: repeated query parameter")
-        op, json_body, form, found = check_request(
-            request.method, request.path, query, headers, raw
-        )
+        op: Operation | None = None
+        if schemas.available():
+            op, json_body, form, found = check_request(
+                request.method, request.path, query, headers, raw
+            )
+            op_id = op.operation_id if op else None
+            if op_id in referee.OPERATIONS:
+                found += referee.request_problems(op_id, query, headers, json_body, form)
+        else:
+            op_id, json_body, form, found = check_request_sdk(
+                request.method, request.path, query, headers, raw
+            )
         self.problems += found
         if self.on_request is not None:
-            self.on_request(op.operation_id if op else None)
+            self.on_request(op_id)
         target = self.upstream.removesuffix(API_PREFIX) + request.path_qs
         assert self.session is not None, "serve the proxy with spec_proxy()"
         async with self.session.request(
@@ -270,9 +313,10 @@ class SpecProxy:
             out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_BY_HOP}
             status, content_type = resp.status, resp.headers.get("Content-Type", "")
         self.problems += check_response(op, status, content_type, body)
+        self.problems += referee.answer_problems(op_id, status, content_type, body)
         self.exchanges.append(
             Exchange(
-                op.operation_id if op else None, request.method, request.path, query,
+                op_id, request.method, request.path, query,
                 json_body, form, status, content_type, body,
             )
         )  # fmt: skip

@@ -3,7 +3,9 @@
 Two kinds of check. Differential: for request bodies, the published schema is the
 oracle: a body the schema refuses must be refused by the emulator with a 400
 ``invalid_request_error``, and a body it accepts (within the documented limits) must
-be served. Limits the schema cannot express (file size, inputs a batch) are checked
+be served. Each body carries the schema's verdict, written out, so these run in a
+fresh clone too; where the YAML exists a test checks every verdict against it, and
+the SDK's parameter types cross-check them everywhere. Limits the schema cannot express (file size, inputs a batch) are checked
 one by one. Rejections already covered in ``tests/test_emulator.py`` (per-request
 inputs and tokens, per-input tokens, lines a batch file, unknown model, 401) are not
 repeated here, but every error body here is validated as an ``ErrorResponse``.
@@ -18,44 +20,53 @@ from typing import Any
 
 import aiohttp
 import pytest
+import referee
 import schemas
 from emulator_client import Reply, embedding_line, jsonl, running
+from openai.types import BatchCreateParams, EmbeddingCreateParams
 
 from embedd.emulator.validation import MAX_BATCH_BYTES
 
-pytestmark = pytest.mark.skipif(not schemas.available(), reason=schemas.MISSING)
+# The differential tests run everywhere from the verdicts written below; one test
+# checks those verdicts against the published schema, and needs the file.
+needs_yaml = pytest.mark.skipif(not schemas.available(), reason=schemas.MISSING)
 
 LARGE = "text-embedding-3-large"
 GOOD = {"model": LARGE, "input": "hello"}
 
-EMBEDDING_BODIES: list[Any] = [
-    GOOD,
-    {**GOOD, "input": ["a", "b"], "encoding_format": "base64", "dimensions": 8, "user": "u-1"},
-    {**GOOD, "input": [1, 2, 3]},
-    {**GOOD, "input": [[1, 2], [3]]},
-    {**GOOD, "encoding_format": "float"},
-    {**GOOD, "encoding_format": None},
-    {**GOOD, "encoding_format": ""},
-    {**GOOD, "encoding_format": "FLOAT"},
-    {**GOOD, "dimensions": "8"},
-    {**GOOD, "dimensions": True},
-    {**GOOD, "dimensions": -1},
-    {**GOOD, "dimensions": None},
-    {**GOOD, "user": 5},
-    {**GOOD, "user": None},
-    {**GOOD, "model": 5},
-    {**GOOD, "model": None},
-    {**GOOD, "input": None},
-    {**GOOD, "input": 7},
-    {**GOOD, "input": [[]]},
-    {**GOOD, "input": [["a"]]},
-    {**GOOD, "input": {"text": "a"}},
-    {**GOOD, "input": [1, "a"]},
-    {**GOOD, "stream": True},
-    {"input": "hello"},
-    {"model": LARGE},
-    ["hello"],
-    "hello",
+# Each body with its verdict under the published schema (checked against the YAML where
+# it exists, and against the SDK's types everywhere): served (True) or refused.
+EMBEDDING_BODIES: list[tuple[Any, bool]] = [
+    (GOOD, True),
+    (
+        {**GOOD, "input": ["a", "b"], "encoding_format": "base64", "dimensions": 8, "user": "u-1"},
+        True,
+    ),
+    ({**GOOD, "input": [1, 2, 3]}, True),
+    ({**GOOD, "input": [[1, 2], [3]]}, True),
+    ({**GOOD, "encoding_format": "float"}, True),
+    ({**GOOD, "encoding_format": None}, False),
+    ({**GOOD, "encoding_format": ""}, False),
+    ({**GOOD, "encoding_format": "FLOAT"}, False),
+    ({**GOOD, "dimensions": "8"}, False),
+    ({**GOOD, "dimensions": True}, False),
+    ({**GOOD, "dimensions": -1}, False),
+    ({**GOOD, "dimensions": None}, False),
+    ({**GOOD, "user": 5}, False),
+    ({**GOOD, "user": None}, False),
+    ({**GOOD, "model": 5}, False),
+    ({**GOOD, "model": None}, False),
+    ({**GOOD, "input": None}, False),
+    ({**GOOD, "input": 7}, False),
+    ({**GOOD, "input": [[]]}, False),
+    ({**GOOD, "input": [["a"]]}, False),
+    ({**GOOD, "input": {"text": "a"}}, False),
+    ({**GOOD, "input": [1, "a"]}, False),
+    ({**GOOD, "stream": True}, False),
+    ({"input": "hello"}, False),
+    ({"model": LARGE}, False),
+    (["hello"], False),
+    ("hello", False),
 ]
 
 
@@ -68,46 +79,49 @@ def spec_accepts(schema: str, body: Any) -> bool:
 def assert_openai_error(reply: Reply, status: int) -> dict[str, Any]:
     """The status is ``status`` and the body is OpenAI's ErrorResponse with all four keys."""
     assert reply.status == status, reply.body
-    schemas.validate_response("ErrorResponse", reply.body)
+    referee.validate_response("ErrorResponse", reply.body)
     assert set(reply.body["error"]) == {"message", "type", "param", "code"}
     assert reply.body["error"]["message"]
     return dict(reply.body["error"])
 
 
-@pytest.mark.parametrize("body", EMBEDDING_BODIES, ids=lambda b: json.dumps(b)[:60])
-async def test_embeddings_agree_with_the_schema(tmp_path: Path, body: Any) -> None:
+@pytest.mark.parametrize(
+    ("body", "accepted"), EMBEDDING_BODIES, ids=[json.dumps(b)[:60] for b, _ in EMBEDDING_BODIES]
+)
+async def test_embeddings_agree_with_the_schema(tmp_path: Path, body: Any, accepted: bool) -> None:
     """An embeddings body is served exactly when the published schema accepts it."""
     async with running(tmp_path) as (_, api):
         reply = await api.call("POST", "/embeddings", json_body=body)
-    if spec_accepts("CreateEmbeddingRequest", body):
+    if accepted:
         assert reply.status == 200, reply.body
-        schemas.validate_response("CreateEmbeddingResponse", reply.body)
+        referee.validate_response("CreateEmbeddingResponse", reply.body)
     else:
         assert assert_openai_error(reply, 400)["type"] == "invalid_request_error"
 
 
-def batch_bodies(file_id: str) -> list[dict[str, Any]]:
-    """Batch-create bodies around a valid one, each changing one field."""
+def batch_bodies(file_id: str) -> list[tuple[dict[str, Any], bool]]:
+    """Batch-create bodies around a valid one, each changing one field, with the verdict
+    of the published schema (served or refused)."""
     good = {"input_file_id": file_id, "endpoint": "/v1/embeddings", "completion_window": "24h"}
     expiry = {"anchor": "created_at", "seconds": 3600}
     return [
-        good,
-        {**good, "metadata": {"embedd_shard": "s"}},
-        {**good, "metadata": None},
-        {**good, "metadata": {"k": 1}},
-        {**good, "metadata": ["k"]},
-        {**good, "output_expires_after": expiry},
-        {**good, "output_expires_after": {**expiry, "seconds": 60}},
-        {**good, "output_expires_after": {**expiry, "seconds": 3_000_000}},
-        {**good, "output_expires_after": {**expiry, "anchor": "now"}},
-        {**good, "output_expires_after": {"anchor": "created_at"}},
-        {**good, "output_expires_after": "1h"},
-        {**good, "completion_window": "48h"},
-        {**good, "completion_window": None},
-        {**good, "endpoint": "/v1/embedding"},
-        {**good, "input_file_id": 12},
-        {key: value for key, value in good.items() if key != "endpoint"},
-        {key: value for key, value in good.items() if key != "input_file_id"},
+        (good, True),
+        ({**good, "metadata": {"embedd_shard": "s"}}, True),
+        ({**good, "metadata": None}, True),
+        ({**good, "metadata": {"k": 1}}, False),
+        ({**good, "metadata": ["k"]}, False),
+        ({**good, "output_expires_after": expiry}, True),
+        ({**good, "output_expires_after": {**expiry, "seconds": 60}}, False),
+        ({**good, "output_expires_after": {**expiry, "seconds": 3_000_000}}, False),
+        ({**good, "output_expires_after": {**expiry, "anchor": "now"}}, False),
+        ({**good, "output_expires_after": {"anchor": "created_at"}}, False),
+        ({**good, "output_expires_after": "1h"}, False),
+        ({**good, "completion_window": "48h"}, False),
+        ({**good, "completion_window": None}, False),
+        ({**good, "endpoint": "/v1/embedding"}, False),
+        ({**good, "input_file_id": 12}, False),
+        ({key: value for key, value in good.items() if key != "endpoint"}, False),
+        ({key: value for key, value in good.items() if key != "input_file_id"}, False),
     ]
 
 
@@ -116,16 +130,47 @@ async def test_batch_create_agrees_with_the_schema(tmp_path: Path) -> None:
     async with running(tmp_path) as (_, api):
         upload = await api.upload(jsonl([embedding_line("a", "x")]))
         disagree = []
-        for body in batch_bodies(upload.body["id"]):
+        for body, accepted in batch_bodies(upload.body["id"]):
             reply = await api.call("POST", "/batches", json_body=body)
-            accepted = spec_accepts("CreateBatchRequest", body)
             if reply.status != (200 if accepted else 400):
                 disagree.append((body, reply.status))
             elif accepted:
-                schemas.validate_response("Batch", reply.body)
+                referee.validate_response("Batch", reply.body)
             else:
                 assert assert_openai_error(reply, 400)["type"] == "invalid_request_error"
     assert disagree == []
+
+
+@needs_yaml
+def test_the_written_verdicts_are_the_published_schemas() -> None:
+    """Every verdict above is what the published schema says of its body."""
+    wrong = [
+        (schema, body)
+        for schema, cases in (
+            ("CreateEmbeddingRequest", EMBEDDING_BODIES),
+            ("CreateBatchRequest", batch_bodies("file-x")),
+        )
+        for body, accepted in cases
+        if spec_accepts(schema, body) != accepted
+    ]
+    assert wrong == []
+
+
+def test_the_written_verdicts_agree_with_the_sdk_types() -> None:
+    """Where the SDK's parameter types can judge, they agree: every body served is one
+    they accept, and every body they refuse is refused. (They accept a few bodies the
+    schema refuses — an empty token array, a negative size — which they cannot express.)"""
+    for params, cases in (
+        (EmbeddingCreateParams, EMBEDDING_BODIES),
+        (BatchCreateParams, batch_bodies("file-x")),
+    ):
+        for body, accepted in cases:
+            sdk_refuses = bool(referee.params_problems(params, body))
+            assert not (accepted and sdk_refuses), body
+    refused_by_sdk = [
+        b for b, _ in EMBEDDING_BODIES if referee.params_problems(EmbeddingCreateParams, b)
+    ]
+    assert len(refused_by_sdk) >= 18  # the SDK's types judge most of them
 
 
 async def _big_file(limit: int) -> AsyncIterator[bytes]:
