@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import time
@@ -228,7 +229,9 @@ async def _recover(rt: Runtime) -> None:
     for name in await asyncio.to_thread(sweep_stale_temps, [rt.paths.outbox, rt.paths.failed]):
         log.info("spool.stale_temp_removed", file=name)
     await resume_claims(rt)
-    await flush_ledger(rt)
+    # A full disk must not stop the start: the ledger is flushed again after every
+    # collection and delivery, and deliveries are retried by their stage.
+    await rt.guard.run("ledger", "flush", functools.partial(flush_ledger, rt), record=False)
     await deliver_ready(rt)
     while not rt.stopping.is_set():
         try:
@@ -273,8 +276,10 @@ async def _watch_inbox(rt: Runtime) -> None:
             ignore_permission_denied=True,
         ):
             rt.wake.kick("scan")
-    except (OSError, RuntimeError) as exc:  # inotify limits: the scan still works
-        log.warning("watch.unavailable", error=str(exc))
+    except* Exception as group:
+        # inotify limits and the like (watchfiles raises its WatchfilesRustInternalError,
+        # a RuntimeError, sometimes inside an ExceptionGroup): the periodic scan still works.
+        log.warning("watch.unavailable", error="; ".join(str(e) for e in group.exceptions))
 
 
 async def _periodic_scan(rt: Runtime) -> None:
@@ -291,6 +296,11 @@ async def _status_loop(rt: Runtime, notifier: Notifier, last: str) -> None:
     while not rt.stopping.is_set():
         if tick % 5 == 0:
             await rt.store.set_fact("client", rt.client.status_snapshot())
+            if rt.guard.held("ledger"):
+                # Ledger lines a full disk held back: try again, so the hold ends by itself.
+                await rt.guard.run(
+                    "ledger", "flush", functools.partial(flush_ledger, rt), record=False
+                )
         line = await status_line(rt)
         if line != last:
             notifier.status(line)

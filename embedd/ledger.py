@@ -34,6 +34,7 @@ from types import TracebackType
 from typing import BinaryIO, Literal
 
 from embedd.cost import Entry, EntryKey, LedgerEntry, Totals, parse_line, to_json_line
+from embedd.crashpoints import fault_point
 from embedd.errors import FatalError
 from embedd.spool import FILE_MODE, fsync_dir
 
@@ -158,6 +159,7 @@ class Ledger:
                 raise ValueError("ledger is closed")
             if entry.key in self._keys:
                 return False
+            fault_point("ledger_enospc")
             self._write(to_json_line(entry))
             self._remember(entry)
             return True
