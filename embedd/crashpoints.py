@@ -23,7 +23,9 @@ the supervised stages (`intake`, `submit`, `collect`, `deliver`, `sync`, `ledger
 raised inside that stage's unit guard, embedd.supervise) and a few edges that raise
 the OS error a real failure would:
 
-    open_input     PermissionError (EACCES) opening an input — root cannot be refused
+    open_input     PermissionError (EACCES) opening an input that has no read permission
+                   bit: a daemon running as root sees what any other user would
+    watch          the file watcher fails inside an ExceptionGroup (inotify limits)
     outbox_enospc  OSError(ENOSPC) writing a result into outbox/
     ledger_enospc  OSError(ENOSPC) appending to ledger.jsonl
 
@@ -70,6 +72,7 @@ FAULTS = frozenset(
         "sync",
         "ledger",
         "open_input",
+        "watch",
         "outbox_enospc",
         "ledger_enospc",
     }
@@ -132,6 +135,11 @@ def fault_point(name: str) -> None:
     sys.stderr.write(f"embedd: fault point {name} reached (#{n}), raising\n")
     if name == "open_input":
         raise PermissionError(errno.EACCES, f"injected fault #{n}: permission denied")
+    if name == "watch":
+        raise ExceptionGroup(
+            "unhandled errors in a TaskGroup",
+            [InjectedFault(f"injected fault #{n}: OS file watch limit reached")],
+        )
     if name.endswith("_enospc"):
         raise OSError(errno.ENOSPC, f"injected fault #{n}: no space left on device")
     raise InjectedFault(f"injected fault #{n} at {name}")

@@ -33,6 +33,7 @@ from embedd.api import OpenAIClient, make_session
 from embedd.breaker import Breaker
 from embedd.collector import poll_loop
 from embedd.config import Settings
+from embedd.crashpoints import fault_point
 from embedd.delivery import deliver_loop, deliver_ready
 from embedd.errors import SubmissionPaused, TransientError
 from embedd.intake import resume_claims, scan_and_claim
@@ -210,6 +211,7 @@ async def _serve(
             await _recover(rt)
             await scan_and_claim(rt)
             await rt.store.set_fact("daemon", {"pid": os.getpid(), "started": time.time()})
+            await rt.guard.publish()  # holds of this run only, not of an earlier one
             # Logged first, so that whoever sees READY=1 finds the line in the log.
             log.info("daemon.ready", spool=str(rt.paths.root), emulated=rt.emulated)
             status = await status_line(rt)
@@ -267,6 +269,7 @@ class _Stop(Exception):
 async def _watch_inbox(rt: Runtime) -> None:
     """File events wake the intake; the periodic scan catches anything missed."""
     try:
+        fault_point("watch")  # test hook: the watcher fails as it does at the inotify limit
         async for _changes in watchfiles.awatch(
             rt.paths.inbox,
             stop_event=rt.stopping,
@@ -296,11 +299,9 @@ async def _status_loop(rt: Runtime, notifier: Notifier, last: str) -> None:
     while not rt.stopping.is_set():
         if tick % 5 == 0:
             await rt.store.set_fact("client", rt.client.status_snapshot())
-            if rt.guard.held("ledger"):
-                # Ledger lines a full disk held back: try again, so the hold ends by itself.
-                await rt.guard.run(
-                    "ledger", "flush", functools.partial(flush_ledger, rt), record=False
-                )
+        if rt.guard.held("ledger"):
+            # Ledger lines a full disk held back: try again, so the hold ends by itself.
+            await rt.guard.run("ledger", "flush", functools.partial(flush_ledger, rt), record=False)
         line = await status_line(rt)
         if line != last:
             notifier.status(line)

@@ -86,6 +86,10 @@ def read_entries(
             yield entry
 
 
+class LedgerWriteError(OSError):
+    """ledger.jsonl could not be written (disk full, I/O error); nothing torn was left."""
+
+
 class Ledger:
     """The ledger at `path`, open for appending (thread-safe); see the module docstring."""
 
@@ -142,15 +146,16 @@ class Ledger:
         """Append `data` and fsync; on failure cut the file back so no torn line stays."""
         size = os.fstat(self._fd).st_size
         try:
+            fault_point("ledger_enospc")
             view = memoryview(data)
             while view:
                 written = os.write(self._fd, view)
                 view = view[written:]
             os.fsync(self._fd)
-        except OSError:
+        except OSError as exc:
             # A partial line (disk full) would glue onto the next one; remove it.
             os.ftruncate(self._fd, size)
-            raise
+            raise LedgerWriteError(exc.errno, exc.strerror, str(self.path)) from exc
 
     def append(self, entry: Entry) -> bool:
         """Append `entry` durably; False (and nothing written) if its key is already there."""
@@ -159,7 +164,6 @@ class Ledger:
                 raise ValueError("ledger is closed")
             if entry.key in self._keys:
                 return False
-            fault_point("ledger_enospc")
             self._write(to_json_line(entry))
             self._remember(entry)
             return True

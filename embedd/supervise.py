@@ -40,6 +40,7 @@ from typing import Any
 from embedd import metrics
 from embedd.crashpoints import fault_point
 from embedd.errors import ConfigError, FatalError, SubmissionPaused, TransientError
+from embedd.ledger import LedgerWriteError
 from embedd.store import Store
 
 STAGES = ("intake", "submit", "collect", "deliver", "sync", "ledger")
@@ -243,7 +244,11 @@ class Supervisor:
         if v.action is Action.PASS:
             raise exc
         if v.action is Action.HOLD:
-            await self._block(stage, v.reason, exc)
+            # The ledger is its own stage: whoever appended, only the ledger waits (the
+            # rows are safe in the database; the daemon's ledger step flushes them later).
+            held = "ledger" if isinstance(exc, LedgerWriteError) else stage
+            until = await self._block(held, v.reason, exc)
+            self._not_before[(stage, unit)] = until
             return False
         metrics.UNIT_FAILURES.labels(stage=stage).inc()
         if v.action is Action.FAIL:
@@ -303,14 +308,15 @@ class Supervisor:
                     traceback=_traceback(exc),
                 )
                 if v.action is Action.HOLD:
-                    await self._block(stage, v.reason, exc)
+                    held = "ledger" if isinstance(exc, LedgerWriteError) else stage
+                    await self._block(held, v.reason, exc)
                 self._not_before[(stage, unit)] = self.clock() + self.cap
                 return
         self.log.error("unit.quarantined", stage=stage, unit=unit, reason=reason)
         self._not_before.pop((stage, unit), None)
         await self._forget(stage, unit, record)
 
-    async def _block(self, stage: str, reason: str, exc: Exception) -> None:
+    async def _block(self, stage: str, reason: str, exc: Exception) -> float:
         now = self.clock()
         old = self._held.get(stage)
         times = old[2] + 1 if old is not None else 1
@@ -322,7 +328,8 @@ class Supervisor:
             if old is not None:
                 metrics.STAGE_BLOCKED.labels(stage=stage, reason=old[0]).set(0)
             metrics.STAGE_BLOCKED.labels(stage=stage, reason=reason).set(1)
-            await self._publish()
+            await self.publish()
+        return now + delay
 
     async def _unblock(self, stage: str) -> None:
         old = self._held.pop(stage, None)
@@ -330,9 +337,9 @@ class Supervisor:
             return
         self.log.info("stage.unblocked", stage=stage, reason=old[0], refusals=old[2])
         metrics.STAGE_BLOCKED.labels(stage=stage, reason=old[0]).set(0)
-        await self._publish()
+        await self.publish()
 
-    async def _publish(self) -> None:
+    async def publish(self) -> None:
         """The `blocked` daemon fact for `embedd status` (best effort: the database may
         be on the full disk itself)."""
         fact = {
