@@ -200,7 +200,8 @@ async def test_a_unit_that_killed_the_process_too_often_is_quarantined_without_r
     try:
         assert not await guard.run("intake", "job:poison", poison, give_up)
         assert ran == []
-        assert reasons and "crashed the daemon 2 times" in reasons[0]
+        assert reasons
+        assert "crashed the daemon 2 times" in reasons[0]
         assert await _rows(store) == []
     finally:
         await store.close()
@@ -230,9 +231,16 @@ async def test_a_full_disk_holds_the_stage_says_so_once_and_ends_by_itself(
         facts = await store.facts()
         assert facts["blocked"]["deliver"]["reason"] == "disk full"
         assert await _rows(store) == [("deliver", "job:a", 0)]
-        text = render({"counts": {"files": {}, "requests": {}, "shards": {}}, "batches": [],
-                       "files": [], "blocked": {"deliver": "disk full"},
-                       "spend_today_usd": "0", "spend_month_usd": "0"})
+        text = render(
+            {
+                "counts": {"files": {}, "requests": {}, "shards": {}},
+                "batches": [],
+                "files": [],
+                "blocked": {"deliver": "disk full"},
+                "spend_today_usd": "0",
+                "spend_month_usd": "0",
+            }
+        )
         assert "BLOCKED:  deliver stage held: disk full" in text
         full[0] = False
         assert await guard.run("deliver", "job:a", write)
