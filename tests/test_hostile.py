@@ -39,11 +39,17 @@ def daemon_with(
     env: dict[str, str] | None = None,
     *,
     spool_dir: Path | None = None,
+    state_dir: Path | None = None,
     **sections: dict[str, Any],
 ) -> DaemonProcess:
     """A daemon subprocess with test hooks in its environment from its first start."""
     spool = spool_dir or tmp_path / "spool"
     config = write_config(tmp_path / "config.toml", spool, base_url, **{**FAST, **sections})
+    if state_dir is not None:
+        text = config.read_text().replace(
+            "[spool]\n", f"[spool]\nstate_dir = {json.dumps(str(state_dir))}\n"
+        )
+        config.write_text(text)
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("EMBEDD_", "OPENAI_"))}
     environ.update({"OPENAI_API_KEY": TEST_KEY, "PYTHONUNBUFFERED": "1", **(env or {})})
     daemon = DaemonProcess(spool, config, tmp_path / "daemon.log", environ)
@@ -424,7 +430,7 @@ def test_a_really_full_file_system_holds_delivery_until_room_comes_back(
         request,
         emulator.url,
         spool_dir=spool,
-        spool={"root": str(spool), "scan_interval": "1s", "state_dir": str(tmp_path / "state")},
+        state_dir=tmp_path / "state",
     )
     wait_ready(daemon)
     filler = small_fs / "filler"
