@@ -266,23 +266,35 @@ class _Stop(Exception):
     """Raised inside the TaskGroup to cancel every stage at once."""
 
 
+# After the watcher failed, watch again this much later (the periodic scan works meanwhile).
+WATCH_RETRY_S = 30.0
+
+
 async def _watch_inbox(rt: Runtime) -> None:
-    """File events wake the intake; the periodic scan catches anything missed."""
-    try:
-        fault_point("watch")  # test hook: the watcher fails as it does at the inotify limit
-        async for _changes in watchfiles.awatch(
-            rt.paths.inbox,
-            stop_event=rt.stopping,
-            debounce=50,
-            step=20,
-            recursive=True,
-            ignore_permission_denied=True,
-        ):
+    """File events wake the intake; the periodic scan catches anything missed.
+
+    The watcher can fail at any time — the inotify limit, a name that is not valid
+    UTF-8 (watchfiles cannot decode it) — with its WatchfilesRustInternalError, a
+    RuntimeError, often wrapped in an ExceptionGroup. None of that stops the daemon:
+    the scan goes on, and watching starts again a while later.
+    """
+    while not rt.stopping.is_set():
+        try:
+            fault_point("watch")  # test hook: the watcher fails as at the inotify limit
+            async for _changes in watchfiles.awatch(
+                rt.paths.inbox,
+                stop_event=rt.stopping,
+                debounce=50,
+                step=20,
+                recursive=True,
+                ignore_permission_denied=True,
+            ):
+                rt.wake.kick("scan")
+        except* Exception as group:
+            errors = "; ".join(str(e) for e in group.exceptions)
+            log.warning("watch.unavailable", error=errors, retry_s=WATCH_RETRY_S)
             rt.wake.kick("scan")
-    except* Exception as group:
-        # inotify limits and the like (watchfiles raises its WatchfilesRustInternalError,
-        # a RuntimeError, sometimes inside an ExceptionGroup): the periodic scan still works.
-        log.warning("watch.unavailable", error="; ".join(str(e) for e in group.exceptions))
+        await rt.wake.wait("watch", WATCH_RETRY_S)
 
 
 async def _periodic_scan(rt: Runtime) -> None:
