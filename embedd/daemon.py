@@ -7,8 +7,10 @@ Start-up, in order, before `READY=1`:
     4. the inbox is scanned once.
 The watchdog pings (while the state database answers) from step 2 on. After READY
 the stages run side by side in the same TaskGroup: intake (file events + periodic
-scan), submitter, poller/collector, sync lane, delivery and status. Any stage that
-raises takes the daemon down (systemd restarts it); nothing is lost, because every
+scan), submitter, poller/collector, sync lane, delivery and status. Each stage runs
+its units of work in `rt.guard` (embedd.supervise, SPEC §8), so a failing unit is
+retried or failed alone; only a daemon-level fault (state database unusable) leaves a
+stage and takes the daemon down (systemd restarts it). Nothing is lost, because every
 stage is safe to interrupt at any await.
 
 SIGTERM/SIGINT, at any moment from the first line of `run_daemon`: `STOPPING=1`, stop
