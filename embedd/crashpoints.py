@@ -28,6 +28,7 @@ the OS error a real failure would:
     watch          the file watcher fails inside an ExceptionGroup (inotify limits)
     outbox_enospc  OSError(ENOSPC) writing a result into outbox/
     ledger_enospc  OSError(ENOSPC) appending to ledger.jsonl
+    state_full     SQLite's "database or disk is full" storing a claimed file's records
 
 The variable is read once, at import, into a module-level frozen value rather than
 going through `Settings`: it is not configuration a user may set (it kills the
@@ -41,6 +42,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import sqlite3
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -75,6 +77,7 @@ FAULTS = frozenset(
         "watch",
         "outbox_enospc",
         "ledger_enospc",
+        "state_full",
     }
 )
 
@@ -140,6 +143,8 @@ def fault_point(name: str) -> None:
             "unhandled errors in a TaskGroup",
             [InjectedFault(f"injected fault #{n}: OS file watch limit reached")],
         )
+    if name == "state_full":
+        raise sqlite3.OperationalError(f"database or disk is full (injected fault #{n})")
     if name.endswith("_enospc"):
         raise OSError(errno.ENOSPC, f"injected fault #{n}: no space left on device")
     raise InjectedFault(f"injected fault #{n} at {name}")

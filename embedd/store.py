@@ -25,6 +25,7 @@ from typing import Any
 
 import aiosqlite
 
+from embedd.crashpoints import fault_point
 from embedd.errors import FatalError
 from embedd.states import (
     FILE_TRANSITIONS,
@@ -307,6 +308,7 @@ class Store:
     ) -> None:
         """Store a parsed file's records and its new requests, and mark it queued."""
         async with self.transaction() as tx:
+            fault_point("state_full")
             await tx.executemany(
                 "INSERT INTO records (job, idx, rid, meta, tokens, chunks, cached) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",

@@ -400,6 +400,26 @@ def test_enospc_on_the_ledger_holds_only_the_ledger_and_loses_no_line(
     assert daemon.stop() == 0
 
 
+def test_a_full_state_database_holds_intake_then_finishes_by_itself(
+    start_emulator: Any, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """SQLite's "database or disk is full" while queueing a file: the intake stage is
+    held, the claim is not counted against the file, and it is queued and delivered
+    once the database takes writes again."""
+    emulator: EmulatorProcess = start_emulator()
+    daemon = daemon_with(tmp_path, request, emulator.url, {"EMBEDD_FAULT_AT": "state_full:3"})
+    wait_ready(daemon)
+    drop(daemon.spool, "queued.jsonl", jsonl(["q1", "q2"]))
+    wait_placed(daemon, ["queued.jsonl"])
+    assert_delivered(daemon.spool, "queued.jsonl", 2)
+    assert [(e["stage"], e["reason"]) for e in events(daemon, "stage.blocked")] == [
+        ("intake", "disk full")
+    ]
+    assert [e["stage"] for e in events(daemon, "stage.unblocked")] == ["intake"]
+    assert not events(daemon, "unit.failed")
+    assert daemon.stop() == 0
+
+
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A real 2 MiB tmpfs for the spool (root only; skipped where mount is refused)."""
