@@ -93,8 +93,11 @@ async def claim(rt: Runtime, entry: Entry) -> bool:
     async def take() -> None:
         jobs.append(await _take(rt, entry))
 
+    # Taking the entry is two short steps (a row, a rename); its tries are kept in
+    # memory. Everything after the rename is the job's unit, recorded in the database.
     unit = f"inbox:{entry.lane}/{entry.name}"
-    ok = await rt.guard.run("intake", unit, take, functools.partial(_refuse_entry, rt, entry))
+    give_up = functools.partial(_refuse_entry, rt, entry)
+    ok = await rt.guard.run("intake", unit, take, give_up, record=False)
     if not ok or not jobs[0]:
         return False
     await _supervised(rt, jobs[0], entry.name, entry.lane, resume=False)
@@ -111,6 +114,10 @@ async def _take(rt: Runtime, entry: Entry) -> str:
     except FileNotFoundError:
         await rt.store.forget_claim(job)
         return ""
+    except OSError:
+        # Not moved: the entry stays the inbox's unit (tried again, or refused whole).
+        await rt.store.forget_claim(job)
+        raise
     await asyncio.to_thread(_fsync_both, entry.path.parent, rt.paths.work)
     crash_point("after_claim")
     rt.log.info("file.claimed", file=entry.name, job=job, lane=entry.lane, kind=entry.kind)

@@ -151,6 +151,8 @@ def crashed_reason(attempts: int, error: str | None) -> str:
 
 GiveUp = Callable[[str], Awaitable[None]]
 
+MAX_BACKOFFS = 10_000  # backed-off units remembered before the expired ones are dropped
+
 
 @dataclass
 class Supervisor:
@@ -198,6 +200,9 @@ class Supervisor:
         cancellation)."""
         if self.waiting(stage, unit):
             return False
+        if len(self._not_before) > MAX_BACKOFFS:
+            now = self.clock()  # units that went away meanwhile (done by another path)
+            self._not_before = {k: t for k, t in self._not_before.items() if t > now}
         key = (stage, unit)
         if record:
             try:
