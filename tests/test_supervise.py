@@ -251,6 +251,24 @@ async def test_a_full_disk_holds_the_stage_says_so_once_and_ends_by_itself(
         await store.close()
 
 
+async def test_a_unit_that_finishes_every_time_never_accumulates_tries(tmp_path: Path) -> None:
+    """A unit run again and again (polling a batch in flight) starts afresh each time:
+    its finished tries never add up to a quarantine."""
+    guard, store, _ = await _guard(tmp_path, max_retries=1)
+    runs: list[int] = []
+
+    async def poll() -> None:
+        runs.append(1)
+
+    try:
+        for _ in range(5):
+            assert await guard.run("collect", "shard:s", poll)
+        assert len(runs) == 5
+        assert await _rows(store) == []
+    finally:
+        await store.close()
+
+
 async def test_an_unusable_database_leaves_the_guard(tmp_path: Path) -> None:
     """A daemon-level fault is not swallowed: the TaskGroup must see it."""
     guard, store, _ = await _guard(tmp_path)
