@@ -171,7 +171,8 @@ class Supervisor:
     cap: float = 60.0
     _not_before: dict[tuple[str, str], float] = field(default_factory=dict)
     _tries: dict[tuple[str, str], int] = field(default_factory=dict)  # units not recorded
-    _held: dict[str, tuple[str, float, int]] = field(default_factory=dict)  # reason, until, n
+    # stage → (reason, held until, refusals in a row, since): the stages held now
+    _held: dict[str, tuple[str, float, int, float]] = field(default_factory=dict)
 
     def held(self, stage: str) -> str | None:
         """The reason `stage` is held now, or None."""
@@ -325,9 +326,10 @@ class Supervisor:
         now = self.clock()
         old = self._held.get(stage)
         times = old[2] + 1 if old is not None else 1
+        since = old[3] if old is not None else now
         # The stage's own backoff grows with each refusal in a row, whatever the unit.
         delay = backoff(times, self.base, self.cap)
-        self._held[stage] = (reason, now + delay, times)
+        self._held[stage] = (reason, now + delay, times, since)
         if old is None or old[0] != reason:
             self.log.error("stage.blocked", stage=stage, reason=reason, error=describe(exc))
             if old is not None:
@@ -347,9 +349,7 @@ class Supervisor:
     async def publish(self) -> None:
         """The `blocked` daemon fact for `embedd status` (best effort: the database may
         be on the full disk itself)."""
-        fact = {
-            stage: {"reason": r, "since_refusals": n} for stage, (r, _, n) in self._held.items()
-        }
+        fact = {stage: {"reason": h[0], "since": h[3]} for stage, h in self._held.items()}
         try:
             await self.store.set_fact("blocked", fact or None)
         except Exception as exc:  # shown again on the next change

@@ -357,7 +357,7 @@ def test_enospc_at_start_up_recovery_does_not_stop_the_daemon(
     wait_ready(daemon)
     drop(daemon.spool, "held.jsonl", jsonl(["h"]))
     wait_for(lambda: blocked_fact(daemon.spool), 30, what="the deliver stage held")
-    assert blocked_fact(daemon.spool) == {"deliver": {"reason": "disk full", "since_refusals": 1}}
+    assert blocked_fact(daemon.spool)["deliver"]["reason"] == "disk full"
     status = subprocess.run(
         [sys.executable, "-m", "embedd", "status", "--config", str(daemon.config)],
         capture_output=True,
