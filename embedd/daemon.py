@@ -296,7 +296,8 @@ async def _watch_inbox(rt: Runtime) -> None:
             errors = "; ".join(str(e) for e in group.exceptions)
             log.warning("watch.unavailable", error=errors, retry_s=WATCH_RETRY_S)
             rt.wake.kick("scan")
-        await rt.wake.wait("watch", WATCH_RETRY_S)
+        if not rt.stopping.is_set():
+            await rt.wake.wait("watch", WATCH_RETRY_S)
 
 
 async def _periodic_scan(rt: Runtime) -> None:
