@@ -18,8 +18,10 @@ own code handles what it expects; anything else reaches the guard, which
             log (`stage.blocked` / `stage.unblocked`), in `stage_blocked{stage,reason}`
             and in the `blocked` daemon fact that `embedd status` shows; the attempt
             is not counted against the unit, and the stage resumes by itself
-    FATAL   the daemon cannot go on (state database unusable, bad config): raised
-            out of the guard, the TaskGroup stops the daemon
+    FATAL   the daemon cannot go on (state database unusable — read-only, corrupt, not
+            a database —, bad config, broken local state): raised out of the guard,
+            the TaskGroup stops the daemon; an SQLite error caused by one unit's data
+            (a constraint, a value it cannot bind) is that unit's failure instead
     PASS    an error the stage's own policy handles (`TransientError`: retry later;
             `SubmissionPaused`: pause submission): re-raised to the stage, not counted
 
@@ -79,7 +81,34 @@ SQLITE_DISK_MESSAGES: Mapping[str, str] = {
 }
 
 # Exception types after which nothing can go on (checked with isinstance, in order).
-FATAL_TYPES: tuple[type[BaseException], ...] = (ConfigError, FatalError, sqlite3.DatabaseError)
+FATAL_TYPES: tuple[type[BaseException], ...] = (ConfigError, FatalError)
+
+# SQLite's words for a state database the daemon cannot use at all (FATAL). Other SQLite
+# errors — a constraint, a value it cannot bind — belong to the unit that caused them.
+SQLITE_FATAL_MESSAGES = (
+    "readonly database",
+    "unable to open",
+    "malformed",
+    "not a database",
+    "no such table",
+    "no such column",
+)
+
+# SQLite busy for longer than busy_timeout: another process holds it; try again later.
+SQLITE_BUSY_MESSAGES = ("database is locked", "database table is locked")
+
+
+def is_fatal(error: BaseException) -> bool:
+    """True when the daemon cannot go on: bad config, broken local state, unusable database."""
+    if isinstance(error, FATAL_TYPES):
+        return True
+    if type(error) is sqlite3.DatabaseError:  # "file is not a database", corruption
+        return True
+    if isinstance(error, sqlite3.OperationalError):
+        text = str(error).lower()
+        return any(words in text for words in SQLITE_FATAL_MESSAGES)
+    return False
+
 
 # What each stage already handles on its own, by policy (SPEC §4): handed back to it.
 PASS_TYPES: tuple[type[BaseException], ...] = (TransientError, SubmissionPaused)
@@ -130,8 +159,12 @@ def verdict(
     hold = disk_reason(error)
     if hold is not None:
         return Verdict(Action.HOLD, backoff(attempts, base, cap), hold, counted=False)
-    if isinstance(error, FATAL_TYPES):
+    if is_fatal(error):
         return Verdict(Action.FATAL, 0.0, describe(error))
+    if isinstance(error, sqlite3.OperationalError) and any(
+        words in str(error).lower() for words in SQLITE_BUSY_MESSAGES
+    ):
+        return Verdict(Action.RETRY, backoff(attempts, base, cap), describe(error), counted=False)
     if isinstance(error, PASS_TYPES):
         return Verdict(Action.PASS, 0.0, describe(error), counted=False)
     if attempts > max_retries:
@@ -287,7 +320,7 @@ class Supervisor:
         try:
             await step
         except Exception as exc:  # judged: only a broken database is raised
-            if disk_reason(exc) is None and isinstance(exc, FATAL_TYPES):
+            if disk_reason(exc) is None and is_fatal(exc):
                 raise
             self.log.debug("unit.bookkeeping_failed", error=describe(exc))
 

@@ -69,6 +69,31 @@ def test_an_unusable_state_database_or_config_is_fatal(error: Exception) -> None
 
 
 @pytest.mark.parametrize(
+    "error",
+    [
+        sqlite3.IntegrityError("UNIQUE constraint failed: files.job"),
+        sqlite3.ProgrammingError("Error binding parameter 1: type 'dict' is not supported"),
+        sqlite3.OperationalError("too many SQL variables"),
+        UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed"),
+        RecursionError("maximum recursion depth exceeded"),
+    ],
+)
+def test_a_database_error_caused_by_one_units_data_is_that_units_failure(
+    error: Exception,
+) -> None:
+    """Only a database the daemon cannot use is fatal: an insert that fails on one
+    file's data fails that file (retried, then failed/), never the daemon."""
+    assert verdict("intake", error, 1, 1).action is Action.RETRY
+    assert verdict("intake", error, 2, 1).action is Action.FAIL
+
+
+def test_a_busy_database_is_retried_later_without_counting() -> None:
+    v = verdict("deliver", sqlite3.OperationalError("database is locked"), 9, 1)
+    assert v.action is Action.RETRY
+    assert not v.counted
+
+
+@pytest.mark.parametrize(
     "error", [APITransientError("503"), SubmissionPaused("quota"), TimeoutError("t")]
 )
 def test_errors_a_stage_handles_by_policy_go_back_to_it(error: Exception) -> None:
