@@ -212,7 +212,10 @@ async def _serve(
             )
             await _recover(rt)
             await scan_and_claim(rt)
-            await rt.store.set_fact("daemon", {"pid": os.getpid(), "started": time.time()})
+            # Facts for `embedd status` only: a full disk must not keep the daemon from READY.
+            await rt.guard.book(
+                rt.store.set_fact("daemon", {"pid": os.getpid(), "started": time.time()})
+            )
             await rt.guard.publish()  # holds of this run only, not of an earlier one
             # Logged first, so that whoever sees READY=1 finds the line in the log.
             log.info("daemon.ready", spool=str(rt.paths.root), emulated=rt.emulated)
@@ -313,7 +316,7 @@ async def _status_loop(rt: Runtime, notifier: Notifier, last: str) -> None:
     tick = 0
     while not rt.stopping.is_set():
         if tick % 5 == 0:
-            await rt.store.set_fact("client", rt.client.status_snapshot())
+            await rt.guard.book(rt.store.set_fact("client", rt.client.status_snapshot()))
         if rt.guard.held("ledger"):
             # Ledger lines a full disk held back: try again, so the hold ends by itself.
             await rt.guard.run("ledger", "flush", functools.partial(flush_ledger, rt), record=False)

@@ -277,7 +277,7 @@ class Supervisor:
         if not v.counted and attempts:
             # Not the unit's fault: take the try back.
             if record:
-                await self._book(self.store.unit_not_tried(stage, unit))
+                await self.book(self.store.unit_not_tried(stage, unit))
             else:
                 self._tries[(stage, unit)] = attempts - 1
         if v.action is Action.PASS:
@@ -311,12 +311,13 @@ class Supervisor:
             traceback=_traceback(exc),
         )
         if record:
-            await self._book(self.store.unit_error(stage, unit, v.reason))
+            await self.book(self.store.unit_error(stage, unit, v.reason))
         self._not_before[(stage, unit)] = self.clock() + v.delay
         return False
 
-    async def _book(self, step: Awaitable[None]) -> None:
-        """Bookkeeping in the state database: a full disk must not turn it into a crash."""
+    async def book(self, step: Awaitable[None]) -> None:
+        """Bookkeeping in the state database (tries, facts for `embedd status`): a full
+        disk must not turn it into a crash. Only an unusable database is raised."""
         try:
             await step
         except Exception as exc:  # judged: only a broken database is raised
@@ -327,7 +328,7 @@ class Supervisor:
     async def _forget(self, stage: str, unit: str, record: bool) -> None:
         self._tries.pop((stage, unit), None)
         if record:
-            await self._book(self.store.unit_finished(stage, unit))
+            await self.book(self.store.unit_finished(stage, unit))
 
     async def _give_up(
         self, stage: str, unit: str, reason: str, give_up: GiveUp | None, record: bool
