@@ -19,6 +19,7 @@ Outcome policy (SPEC §4):
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,7 +49,7 @@ async def poll_loop(rt: Runtime) -> None:
     """Poll every batch in flight each poll interval; collect those that ended."""
     while not rt.stopping.is_set():
         try:
-            await poll_once(rt)
+            await rt.guard.run("collect", "poll", functools.partial(poll_once, rt), record=False)
         except SubmissionPaused as exc:
             rt.log.error("poll.paused", reason=exc.message)
         except TransientError as exc:
@@ -58,38 +59,80 @@ async def poll_loop(rt: Runtime) -> None:
 
 async def poll_once(rt: Runtime) -> None:
     for row in await rt.store.shards_in("collecting"):
-        await collect(rt, row["id"], json.loads(row["final"]))
+        await _collect_supervised(rt, row["id"], json.loads(row["final"]))
     now = rt.clock()
     for row in await rt.store.shards_in("submitted"):
         if rt.stopping.is_set():
             return
         if row["polled_at"] is not None and now - row["polled_at"] < rt.poll_interval * 0.9:
             continue
-        batch = await rt.client.retrieve_batch(row["batch_id"])
-        status = batch.get("status")
-        if status != row["status"]:
-            rt.log.info(
-                "batch.status",
-                shard=row["id"],
-                batch=row["batch_id"],
-                status=status,
-                previous=row["status"],
-                request_counts=batch.get("request_counts"),
-            )
-        await rt.store.update_shard(
-            row["id"],
-            status=status,
-            polled_at=now,
-            request_counts=json.dumps(batch.get("request_counts")),
-            expires_at=batch.get("expires_at"),
+        await rt.guard.run(
+            "collect",
+            f"shard:{row['id']}",
+            functools.partial(_poll_shard, rt, row, now),
+            functools.partial(give_up_shard, rt, row["id"]),
         )
-        if status in BATCH_TERMINAL:
-            # Keep the final batch object with the shard: collection may be resumed.
-            await rt.store.move_shard(row["id"], "collecting", final=json.dumps(batch))
-            await collect(rt, row["id"], batch)
-        elif _stuck(rt, batch, now) and status != "cancelling":
-            rt.log.warning("batch.stuck_cancelled", shard=row["id"], batch=row["batch_id"])
-            await rt.client.cancel_batch(row["batch_id"])
+
+
+async def _collect_supervised(rt: Runtime, shard: str, batch: dict[str, Any]) -> None:
+    """`collect` as a supervised unit (SPEC §8): given up, its requests fail for good."""
+    await rt.guard.run(
+        "collect",
+        f"shard:{shard}",
+        functools.partial(collect, rt, shard, batch),
+        functools.partial(give_up_shard, rt, shard),
+    )
+
+
+async def give_up_shard(rt: Runtime, shard: str, reason: str) -> None:
+    """A batch that cannot be polled or collected, for good: what it did not deliver
+    fails with `reason` (vectors already stored stay), and the shard is closed."""
+    rows = [r for r in await rt.store.shards_in("submitted", "collecting") if r["id"] == shard]
+    if not rows:
+        return
+    if rows[0]["state"] == "submitted":
+        await rt.store.move_shard(shard, "collecting", final=json.dumps({"error": reason}))
+    keys = await rt.store.shard_keys(shard)
+    await rt.store.apply_results(
+        shard=shard,
+        vectors=[],
+        origin="",
+        retry=[],
+        fail=[(k, reason) for k in keys],
+        requeue=[],
+        max_retries=rt.settings.retry_max_retries,
+        ledger=None,
+        now=rt.clock(),
+    )
+    rt.wake.kick("deliver", "plan")
+
+
+async def _poll_shard(rt: Runtime, row: Any, now: float) -> None:
+    batch = await rt.client.retrieve_batch(row["batch_id"])
+    status = batch.get("status")
+    if status != row["status"]:
+        rt.log.info(
+            "batch.status",
+            shard=row["id"],
+            batch=row["batch_id"],
+            status=status,
+            previous=row["status"],
+            request_counts=batch.get("request_counts"),
+        )
+    await rt.store.update_shard(
+        row["id"],
+        status=status,
+        polled_at=now,
+        request_counts=json.dumps(batch.get("request_counts")),
+        expires_at=batch.get("expires_at"),
+    )
+    if status in BATCH_TERMINAL:
+        # Keep the final batch object with the shard: collection may be resumed.
+        await rt.store.move_shard(row["id"], "collecting", final=json.dumps(batch))
+        await collect(rt, row["id"], batch)
+    elif _stuck(rt, batch, now) and status != "cancelling":
+        rt.log.warning("batch.stuck_cancelled", shard=row["id"], batch=row["batch_id"])
+        await rt.client.cancel_batch(row["batch_id"])
 
 
 def _stuck(rt: Runtime, batch: dict[str, Any], now: float) -> bool:

@@ -7,8 +7,10 @@ Start-up, in order, before `READY=1`:
     4. the inbox is scanned once.
 The watchdog pings (while the state database answers) from step 2 on. After READY
 the stages run side by side in the same TaskGroup: intake (file events + periodic
-scan), submitter, poller/collector, sync lane, delivery and status. Any stage that
-raises takes the daemon down (systemd restarts it); nothing is lost, because every
+scan), submitter, poller/collector, sync lane, delivery and status. Each stage runs
+its units of work in `rt.guard` (embedd.supervise, SPEC §8), so a failing unit is
+retried or failed alone; only a daemon-level fault (state database unusable) leaves a
+stage and takes the daemon down (systemd restarts it). Nothing is lost, because every
 stage is safe to interrupt at any await.
 
 SIGTERM/SIGINT, at any moment from the first line of `run_daemon`: `STOPPING=1`, stop
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import time
@@ -32,6 +35,7 @@ from embedd.api import OpenAIClient, make_session
 from embedd.breaker import Breaker
 from embedd.collector import poll_loop
 from embedd.config import Settings
+from embedd.crashpoints import fault_point
 from embedd.delivery import deliver_loop, deliver_ready
 from embedd.errors import SubmissionPaused, TransientError
 from embedd.intake import resume_claims, scan_and_claim
@@ -220,7 +224,11 @@ async def _serve(
             )
             await _recover(rt)
             await scan_and_claim(rt)
-            await rt.store.set_fact("daemon", {"pid": os.getpid(), "started": time.time()})
+            # Facts for `embedd status` only: a full disk must not keep the daemon from READY.
+            await rt.guard.book(
+                rt.store.set_fact("daemon", {"pid": os.getpid(), "started": time.time()})
+            )
+            await rt.guard.publish()  # holds of this run only, not of an earlier one
             # Logged first, so that whoever sees READY=1 finds the line in the log.
             log.info("daemon.ready", spool=str(rt.paths.root), emulated=rt.emulated)
             status = await status_line(rt)
@@ -240,7 +248,9 @@ async def _recover(rt: Runtime) -> None:
     for name in await asyncio.to_thread(sweep_stale_temps, [rt.paths.outbox, rt.paths.failed]):
         log.info("spool.stale_temp_removed", file=name)
     await resume_claims(rt)
-    await flush_ledger(rt)
+    # A full disk must not stop the start: the ledger is flushed again after every
+    # collection and delivery, and deliveries are retried by their stage.
+    await rt.guard.run("ledger", "flush", functools.partial(flush_ledger, rt), record=False)
     await deliver_ready(rt)
     while not rt.stopping.is_set():
         try:
@@ -273,20 +283,36 @@ class _Stop(Exception):
     """Raised inside the TaskGroup to cancel every stage at once."""
 
 
+# After the watcher failed, watch again this much later (the periodic scan works meanwhile).
+WATCH_RETRY_S = 30.0
+
+
 async def _watch_inbox(rt: Runtime) -> None:
-    """File events wake the intake; the periodic scan catches anything missed."""
-    try:
-        async for _changes in watchfiles.awatch(
-            rt.paths.inbox,
-            stop_event=rt.stopping,
-            debounce=50,
-            step=20,
-            recursive=True,
-            ignore_permission_denied=True,
-        ):
+    """File events wake the intake; the periodic scan catches anything missed.
+
+    The watcher can fail at any time — the inotify limit, a name that is not valid
+    UTF-8 (watchfiles cannot decode it) — with its WatchfilesRustInternalError, a
+    RuntimeError, often wrapped in an ExceptionGroup. None of that stops the daemon:
+    the scan goes on, and watching starts again a while later.
+    """
+    while not rt.stopping.is_set():
+        try:
+            fault_point("watch")  # test hook: the watcher fails as at the inotify limit
+            async for _changes in watchfiles.awatch(
+                rt.paths.inbox,
+                stop_event=rt.stopping,
+                debounce=50,
+                step=20,
+                recursive=True,
+                ignore_permission_denied=True,
+            ):
+                rt.wake.kick("scan")
+        except* Exception as group:
+            errors = "; ".join(str(e) for e in group.exceptions)
+            log.warning("watch.unavailable", error=errors, retry_s=WATCH_RETRY_S)
             rt.wake.kick("scan")
-    except (OSError, RuntimeError) as exc:  # inotify limits: the scan still works
-        log.warning("watch.unavailable", error=str(exc))
+        if not rt.stopping.is_set():
+            await rt.wake.wait("watch", WATCH_RETRY_S)
 
 
 async def _periodic_scan(rt: Runtime) -> None:
@@ -302,7 +328,10 @@ async def _status_loop(rt: Runtime, notifier: Notifier, last: str) -> None:
     tick = 0
     while not rt.stopping.is_set():
         if tick % 5 == 0:
-            await rt.store.set_fact("client", rt.client.status_snapshot())
+            await rt.guard.book(rt.store.set_fact("client", rt.client.status_snapshot()))
+        if rt.guard.held("ledger"):
+            # Ledger lines a full disk held back: try again, so the hold ends by itself.
+            await rt.guard.run("ledger", "flush", functools.partial(flush_ledger, rt), record=False)
         line = await status_line(rt)
         if line != last:
             notifier.status(line)

@@ -16,6 +16,7 @@ import json
 import operator
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,7 @@ import numpy.typing as npt
 from embedd import metrics
 from embedd.accounting import record_dedup
 from embedd.cost import cost, money
-from embedd.crashpoints import crash_point
+from embedd.crashpoints import crash_point, fault_point
 from embedd.errors import InputRejected
 from embedd.intake import refuse
 from embedd.outbox import RowStream, finish_input, write_result
@@ -49,9 +50,20 @@ async def deliver_ready(rt: Runtime) -> int:
     for row in await rt.store.ready_files():
         if rt.stopping.is_set():
             break
-        await deliver(rt, row)
-        delivered += 1
+        if await rt.guard.run(
+            "deliver",
+            f"job:{row['job']}",
+            functools.partial(deliver, rt, row),
+            functools.partial(_give_up, rt, row),
+        ):
+            delivered += 1
     return delivered
+
+
+async def _give_up(rt: Runtime, row: Any, reason: str) -> None:
+    """A delivery that failed for good (SPEC §8): the input goes to failed/."""
+    job, name = row["job"], row["name"]
+    await refuse(rt, job, name, rt.paths.work / job, InputRejected(reason), row["sha256"])
 
 
 async def deliver(rt: Runtime, row: Any) -> None:
@@ -100,7 +112,7 @@ async def deliver(rt: Runtime, row: Any) -> None:
         "submitted_at": rfc3339(row["claimed_at"]),
         "completed_at": rfc3339(rt.clock()),
     }
-    path = await asyncio.to_thread(write_result, rt.paths, name, job, rows, manifest)
+    path = await asyncio.to_thread(_write_result, rt, name, job, rows, manifest)
     crash_point("after_outbox_write")
     await asyncio.to_thread(finish_input, rt.paths, work, name, job, s.spool_keep_inputs)
     dedup = sum(r["tokens"] for r in records if r["cached"])
@@ -112,6 +124,13 @@ async def deliver(rt: Runtime, row: Any) -> None:
     metrics.file_finished(
         row["lane"], "done", {"embedded": len(records) - cached, "cached": cached}
     )
+
+
+def _write_result(
+    rt: Runtime, name: str, job: str, rows: RowStream, manifest: dict[str, Any]
+) -> Path:
+    fault_point("outbox_enospc")
+    return write_result(rt.paths, name, job, rows, manifest)
 
 
 def _record_entry(r: Any, chunks: int) -> dict[str, Any]:

@@ -16,6 +16,7 @@ the entry to `failed/` with a reason and the file becomes `failed`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import os
 import stat
@@ -32,7 +33,7 @@ from embedd.outbox import write_failure
 from embedd.planner import queue_tokens_estimate
 from embedd.runtime import Runtime
 from embedd.spool import Entry, fsync_dir, kind_of, read_input, scan
-from embedd.store import NewRecord, NewRequest, encode_input, new_id
+from embedd.store import NewRecord, NewRequest, db_text, encode_input, new_id
 from embedd.tokens import Chunk, LongPolicy, plan_chunks
 
 _REFUSED_KINDS = {
@@ -66,6 +67,7 @@ async def scan_and_claim(rt: Runtime) -> int:
     Each claim is independent (its own job row, rename and transactions), so a few
     run side by side; every claim is still recorded before its file is moved.
     """
+    await resume_claims(rt)  # claims whose last try failed: their backoff may be over
     entries = await asyncio.to_thread(scan, rt.paths)
     slots = asyncio.Semaphore(CLAIMS_IN_PARALLEL)
     claimed = 0
@@ -85,37 +87,93 @@ async def scan_and_claim(rt: Runtime) -> int:
 
 
 async def claim(rt: Runtime, entry: Entry) -> bool:
-    """Claim one inbox entry; False if it vanished before we could."""
+    """Claim one inbox entry and process it, each step a supervised unit (SPEC §8);
+    False if it vanished before we could claim it, or the claim itself failed."""
+    jobs: list[str] = []
+
+    async def take() -> None:
+        jobs.append(await _take(rt, entry))
+
+    # Taking the entry is two short steps (a row, a rename); its tries are kept in
+    # memory. Everything after the rename is the job's unit, recorded in the database.
+    unit = f"inbox:{entry.lane}/{entry.name}"
+    give_up = functools.partial(_refuse_entry, rt, entry)
+    ok = await rt.guard.run("intake", unit, take, give_up, record=False)
+    if not ok or not jobs[0]:
+        return False
+    await _supervised(rt, jobs[0], entry.name, entry.lane, resume=False)
+    return True
+
+
+async def _take(rt: Runtime, entry: Entry) -> str:
+    """Record the claim, then move `inbox/NAME` to `work/JOB`; the job, or "" if gone."""
     job = new_id("job")
-    await rt.store.begin_claim(job, entry.name, entry.lane, rt.clock())
+    await rt.store.begin_claim(job, db_text(entry.name), entry.lane, rt.clock())
     work = rt.paths.work / job
     try:
         os.rename(entry.path, work)
     except FileNotFoundError:
         await rt.store.forget_claim(job)
-        return False
+        return ""
+    except OSError:
+        # Not moved: the entry stays the inbox's unit (tried again, or refused whole).
+        await rt.store.forget_claim(job)
+        raise
     await asyncio.to_thread(_fsync_both, entry.path.parent, rt.paths.work)
     crash_point("after_claim")
     rt.log.info("file.claimed", file=entry.name, job=job, lane=entry.lane, kind=entry.kind)
-    await process_claimed(rt, job, entry.name, entry.lane)
-    return True
+    return job
+
+
+async def _refuse_entry(rt: Runtime, entry: Entry, reason: str) -> None:
+    """An inbox entry that could not even be claimed, for good: into failed/."""
+    job = new_id("job")
+    error: dict[str, Any] = {
+        "source": entry.name,
+        "sha256": None,
+        "job": job,
+        "reason": reason,
+        "records": [],
+    }
+    name = _failed_name(entry.name)
+    await asyncio.to_thread(write_failure, rt.paths, entry.path, name, job, error)
+    rt.log.warning("file.failed", file=entry.name, job=job, reason=reason)
 
 
 async def resume_claims(rt: Runtime) -> None:
-    """Finish claims a crash interrupted (files still in state `claiming`)."""
+    """Finish claims a crash (or a failed try) interrupted: files still `claiming`."""
     for row in await rt.store.files_in("claiming"):
-        job, name, lane = row["job"], row["name"], row["lane"]
-        work = rt.paths.work / job
-        if not os.path.lexists(work):
-            origin = (rt.paths.inbox_sync if lane == "sync" else rt.paths.inbox) / name
-            try:
-                os.rename(origin, work)
-            except FileNotFoundError:
-                await rt.store.forget_claim(job)
-                rt.log.info("file.claim_dropped", file=name, job=job)
-                continue
-        rt.log.info("file.claim_resumed", file=name, job=job)
+        if rt.stopping.is_set():
+            return
+        await _supervised(rt, row["job"], row["name"], row["lane"], resume=True)
+
+
+async def _supervised(rt: Runtime, job: str, name: str, lane: str, *, resume: bool) -> None:
+    """Process `work/JOB` as one supervised unit; a unit given up goes to failed/."""
+
+    async def work() -> None:
+        if resume and not await _resume_one(rt, job, name, lane):
+            return
         await process_claimed(rt, job, name, lane)
+
+    async def give_up(reason: str) -> None:
+        await refuse(rt, job, name, rt.paths.work / job, InputRejected(reason), None)
+
+    await rt.guard.run("intake", f"job:{job}", work, give_up)
+
+
+async def _resume_one(rt: Runtime, job: str, name: str, lane: str) -> bool:
+    work = rt.paths.work / job
+    if not os.path.lexists(work):
+        origin = (rt.paths.inbox_sync if lane == "sync" else rt.paths.inbox) / name
+        try:
+            os.rename(origin, work)
+        except FileNotFoundError:
+            await rt.store.forget_claim(job)
+            rt.log.info("file.claim_dropped", file=name, job=job)
+            return False
+    rt.log.info("file.claim_resumed", file=name, job=job)
+    return True
 
 
 async def process_claimed(rt: Runtime, job: str, name: str, lane: str) -> None:
@@ -124,6 +182,11 @@ async def process_claimed(rt: Runtime, job: str, name: str, lane: str) -> None:
     sha256: str | None = None
     try:
         mode = os.lstat(work).st_mode
+        if db_text(name) != name:
+            raise InputRejected(
+                f"{db_text(name)} was refused: its name is not valid UTF-8; "
+                "rename it (UTF-8 names only)."
+            )
         if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
             raise InputRejected(
                 f"{name[:40]}… was refused: its name is longer than {MAX_NAME_BYTES} bytes, "
@@ -131,8 +194,15 @@ async def process_claimed(rt: Runtime, job: str, name: str, lane: str) -> None:
             )
         if not stat.S_ISREG(mode):
             raise InputRejected(f"{name} was refused: {_REFUSED_KINDS[kind_of(mode)]}.")
-        data = await asyncio.to_thread(read_input, work, rt.settings.inputs_max_file_bytes)
+        try:
+            data = await asyncio.to_thread(read_input, work, rt.settings.inputs_max_file_bytes)
+        except PermissionError:
+            raise InputRejected(
+                f"{name} cannot be read: permission denied; let the daemon's user or group "
+                "read it (a producer's umask of 077 refuses it)."
+            ) from None
         sha256 = hashlib.sha256(data).hexdigest()
+        crash_point("during_parse")
         prepared = await asyncio.to_thread(_prepare, rt, name, data)
     except InputRejected as exc:
         await refuse(rt, job, name, work, exc, sha256)
@@ -174,8 +244,11 @@ async def refuse(
         "reason": exc.message,
         "records": exc.records,
     }
-    target = await asyncio.to_thread(write_failure, rt.paths, work, name, job, error)
-    await rt.store.move_file(job, "failed", reason=exc.message, result=str(target))
+    stored = _failed_name(name)
+    target = await asyncio.to_thread(write_failure, rt.paths, work, stored, job, error)
+    await rt.store.move_file(
+        job, "failed", reason=db_text(exc.message), result=db_text(str(target))
+    )
     rt.log.warning("file.failed", file=name, job=job, reason=exc.message)
     metrics.file_finished(await _lane_of(rt, job), "failed", {"failed": len(exc.records)})
 
@@ -183,6 +256,16 @@ async def refuse(
 async def _lane_of(rt: Runtime, job: str) -> str:
     row = await rt.store.file(job)
     return str(row["lane"]) if row is not None else "batch"
+
+
+def _failed_name(name: str) -> str:
+    """The name an input gets in failed/: its own, or — when `NAME~JOB-9.error.json`
+    would not fit in 255 bytes — a shortened one (the original is in the error file)."""
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) <= MAX_NAME_BYTES:
+        return name
+    digest = hashlib.sha256(raw).hexdigest()[:8]
+    return f"{raw[:120].decode('utf-8', 'surrogateescape')}…{digest}"
 
 
 PreparedRecord = tuple[Record, int, list[tuple[str, Chunk]]]

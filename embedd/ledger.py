@@ -34,6 +34,7 @@ from types import TracebackType
 from typing import BinaryIO, Literal
 
 from embedd.cost import Entry, EntryKey, LedgerEntry, Totals, parse_line, to_json_line
+from embedd.crashpoints import fault_point
 from embedd.errors import FatalError
 from embedd.spool import FILE_MODE, fsync_dir
 
@@ -83,6 +84,10 @@ def read_entries(
             if until is not None and entry.ts >= until:
                 continue
             yield entry
+
+
+class LedgerWriteError(OSError):
+    """ledger.jsonl could not be written (disk full, I/O error); nothing torn was left."""
 
 
 class Ledger:
@@ -141,15 +146,16 @@ class Ledger:
         """Append `data` and fsync; on failure cut the file back so no torn line stays."""
         size = os.fstat(self._fd).st_size
         try:
+            fault_point("ledger_enospc")
             view = memoryview(data)
             while view:
                 written = os.write(self._fd, view)
                 view = view[written:]
             os.fsync(self._fd)
-        except OSError:
+        except OSError as exc:
             # A partial line (disk full) would glue onto the next one; remove it.
             os.ftruncate(self._fd, size)
-            raise
+            raise LedgerWriteError(exc.errno, exc.strerror, str(self.path)) from exc
 
     def append(self, entry: Entry) -> bool:
         """Append `entry` durably; False (and nothing written) if its key is already there."""

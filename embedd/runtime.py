@@ -20,6 +20,7 @@ from embedd.cost import Price
 from embedd.ledger import Ledger
 from embedd.spool import SpoolPaths
 from embedd.store import Store
+from embedd.supervise import Supervisor
 from embedd.tokens import Tokenizer
 
 
@@ -65,8 +66,19 @@ class Runtime:
     queue_backoff_until: float = 0.0
     queue_backoff_streak: int = 0
     prices: dict[str, Price] = field(default_factory=dict)
+    # The guard every stage runs its units in (SPEC §8).
+    guard: Supervisor = field(init=False)
 
     def __post_init__(self) -> None:
+        s = self.settings
+        self.guard = Supervisor(
+            self.store,
+            self.log,
+            lambda: self.clock(),
+            s.retry_max_retries,
+            s.retry_base,
+            s.retry_cap,
+        )
         if self.queue_limit == 0:
             self.queue_limit = self.settings.batch_queue_tokens
         if not self.prices:

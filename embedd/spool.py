@@ -27,6 +27,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import BinaryIO, Literal
 
+from embedd.crashpoints import fault_point
 from embedd.errors import ConfigError, FatalError, InputRejected
 
 FILE_MODE = 0o640  # files the daemon writes: group may read, others nothing
@@ -168,6 +169,12 @@ def read_input(path: Path, max_bytes: int) -> bytes:
     have been swapped since the scan).
     """
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+    try:
+        unreadable = not os.lstat(path).st_mode & 0o444
+    except OSError:
+        unreadable = False
+    if unreadable:
+        fault_point("open_input")  # test hook: refuse as a user other than root would
     try:
         fd = os.open(path, flags)
     except OSError as exc:

@@ -98,6 +98,10 @@ def gather(
         "files": files,
         "breaker": client.get("breaker"),
         "paused": (facts.get("paused") or {}).get("reason"),
+        "blocked": {
+            str(stage): str((hold or {}).get("reason"))
+            for stage, hold in (facts.get("blocked") or {}).items()
+        },
         "queue_limit": facts.get("queue_limit"),
         "spend_today_usd": format_usd(spent_today),
         "spend_month_usd": format_usd(spent_month),
@@ -159,6 +163,8 @@ def render(data: dict[str, Any], *, bars: bool = False) -> str:
         out.append(f"breaker:  {breaker.get('state', '?')}")
     if data.get("paused"):
         out.append(f"PAUSED:   {data['paused']}")
+    for stage, reason in sorted((data.get("blocked") or {}).items()):
+        out.append(f"BLOCKED:  {stage} stage held: {reason} (retried with backoff)")
     budget = data.get("budget") or {}
     out.append(
         f"spent:    today ${data['spend_today_usd']}{_of(budget.get('daily_usd'), 'daily')}, "

@@ -25,6 +25,7 @@ from typing import Any
 
 import aiosqlite
 
+from embedd.crashpoints import fault_point
 from embedd.errors import FatalError
 from embedd.states import (
     FILE_TRANSITIONS,
@@ -127,9 +128,31 @@ MIGRATIONS: tuple[str, ...] = (
         value TEXT
     );
     """,
+    # supervised units (SPEC §8): tries recorded before each run, so a unit that kills
+    # the process is known after the restart; removed when the unit finishes.
+    """
+    CREATE TABLE unit_attempts (
+        stage TEXT NOT NULL,
+        unit TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        error TEXT,
+        started_at REAL NOT NULL,
+        PRIMARY KEY (stage, unit)
+    );
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def db_text(text: str) -> str:
+    """`text` as SQLite can store it: lone surrogates (a file name that is not valid
+    UTF-8 comes as surrogate escapes) are written as `\\udcff` escapes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def new_id(prefix: str) -> str:
@@ -285,6 +308,7 @@ class Store:
     ) -> None:
         """Store a parsed file's records and its new requests, and mark it queued."""
         async with self.transaction() as tx:
+            fault_point("state_full")
             await tx.executemany(
                 "INSERT INTO records (job, idx, rid, meta, tokens, chunks, cached) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -565,6 +589,43 @@ class Store:
             await tx.execute(
                 "UPDATE shards SET state = 'abandoned' WHERE id = ? AND state IN ('planned', 'uploaded')",
                 (shard,),
+            )
+
+    # ---- supervised units (embedd.supervise) -------------------------------------
+
+    async def unit_started(self, stage: str, unit: str, now: float) -> tuple[int, str | None]:
+        """Count one more try of a unit, before it runs; return (tries, last error)."""
+        async with self.transaction() as tx:
+            cur = await tx.execute(
+                "INSERT INTO unit_attempts (stage, unit, attempts, started_at) VALUES (?, ?, 1, ?) "
+                "ON CONFLICT(stage, unit) DO UPDATE SET attempts = attempts + 1, "
+                "started_at = excluded.started_at RETURNING attempts, error",
+                (stage, db_text(unit), now),
+            )
+            row = await cur.fetchone()
+        assert row is not None
+        return int(row[0]), row[1]
+
+    async def unit_error(self, stage: str, unit: str, error: str) -> None:
+        async with self.transaction() as tx:
+            await tx.execute(
+                "UPDATE unit_attempts SET error = ? WHERE stage = ? AND unit = ?",
+                (db_text(error), stage, db_text(unit)),
+            )
+
+    async def unit_not_tried(self, stage: str, unit: str) -> None:
+        """Take back the last try: it failed for a reason that is not the unit's."""
+        async with self.transaction() as tx:
+            await tx.execute(
+                "UPDATE unit_attempts SET attempts = MAX(attempts - 1, 0) "
+                "WHERE stage = ? AND unit = ?",
+                (stage, db_text(unit)),
+            )
+
+    async def unit_finished(self, stage: str, unit: str) -> None:
+        async with self.transaction() as tx:
+            await tx.execute(
+                "DELETE FROM unit_attempts WHERE stage = ? AND unit = ?", (stage, db_text(unit))
             )
 
     # ---- ledger, daemon facts, status ----------------------------------------------

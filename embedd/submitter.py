@@ -16,6 +16,7 @@ needs are deleted. So a crash between any two steps never creates a second batch
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,8 @@ async def submit_loop(rt: Runtime) -> None:
     """Keep cutting and submitting shards until the daemon stops."""
     while not rt.stopping.is_set():
         try:
-            await submit_once(rt)
+            # Cutting shards is the stage's own step: supervised, but no input's unit.
+            await rt.guard.run("submit", "plan", functools.partial(submit_once, rt), record=False)
         except SubmissionPaused as exc:
             await pause(rt, exc.message)
         except TransientError as exc:
@@ -132,12 +134,39 @@ async def submit_once(rt: Runtime) -> None:
     if not may_submit(rt):
         return
     for row in await rt.store.shards_in("planned", "uploaded"):
-        await advance(rt, row["id"])
+        await _advance_supervised(rt, row["id"])
     while not rt.stopping.is_set() and may_submit(rt):
         shard = await plan_one(rt)
         if shard is None:
             return
-        await advance(rt, shard)
+        await _advance_supervised(rt, shard)
+
+
+async def _advance_supervised(rt: Runtime, shard: str) -> None:
+    """`advance` as a supervised unit (SPEC §8): given up, its requests fail for good."""
+
+    async def give_up(reason: str) -> None:
+        await abandon_shard(rt, shard, reason)
+
+    await rt.guard.run("submit", f"shard:{shard}", functools.partial(advance, rt, shard), give_up)
+
+
+async def abandon_shard(rt: Runtime, shard: str, reason: str) -> None:
+    """Fail a shard that was never submitted: its requests fail for good with `reason`."""
+    keys = await rt.store.shard_keys(shard)
+    await rt.store.apply_results(
+        shard=None,
+        vectors=[],
+        origin="",
+        retry=[],
+        fail=[(k, reason) for k in keys],
+        requeue=[],
+        max_retries=rt.settings.retry_max_retries,
+        ledger=None,
+        now=rt.clock(),
+    )
+    await rt.store.move_shard(shard, "abandoned", error=reason)
+    rt.wake.kick("deliver")
 
 
 async def plan_one(rt: Runtime) -> str | None:

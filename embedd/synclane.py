@@ -13,6 +13,8 @@ without a ledger line; the batch lane has no such window.
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
 
 from embedd.accounting import flush_ledger, ledger_time
 from embedd.batchlines import BadVector, decode_embedding
@@ -59,7 +61,12 @@ async def _run(
     rt: Runtime, group: list[Pending], in_flight: set[str], slots: asyncio.Semaphore
 ) -> None:
     try:
-        await call(rt, group)
+        await rt.guard.run(
+            "sync",
+            f"call:{_unit_of(group)}",
+            functools.partial(call, rt, group),
+            functools.partial(_give_up, rt, group),
+        )
     except SubmissionPaused as exc:
         await pause(rt, exc.message)
     except TransientError as exc:
@@ -68,6 +75,20 @@ async def _run(
         in_flight.difference_update(p.key for p in group)
         slots.release()
         rt.wake.kick("deliver")
+
+
+def _unit_of(group: list[Pending]) -> str:
+    """A sync call's unit name: the same requests make the same unit after a restart."""
+    h = hashlib.sha256()
+    for key in sorted(p.key for p in group):
+        h.update(key.encode())
+    return h.hexdigest()[:16]
+
+
+async def _give_up(rt: Runtime, group: list[Pending], reason: str) -> None:
+    """A sync call that failed for good (SPEC §8): its requests fail with `reason`."""
+    for p in group:
+        await _settle(rt, p, reason)
 
 
 async def call(rt: Runtime, group: list[Pending]) -> None:
