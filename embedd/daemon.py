@@ -30,7 +30,7 @@ import watchfiles
 from embedd.accounting import flush_ledger
 from embedd.api import OpenAIClient, make_session
 from embedd.breaker import Breaker
-from embedd.collector import poll_loop
+from embedd.collector import poll_loop, sweep_local_files
 from embedd.config import Settings
 from embedd.delivery import deliver_loop, deliver_ready
 from embedd.errors import SubmissionPaused, TransientError
@@ -228,6 +228,8 @@ async def _recover(rt: Runtime) -> None:
     for name in await asyncio.to_thread(sweep_stale_temps, [rt.paths.outbox, rt.paths.failed]):
         log.info("spool.stale_temp_removed", file=name)
     await resume_claims(rt)
+    for name in await sweep_local_files(rt):
+        log.info("state.leftover_removed", file=name)
     await flush_ledger(rt)
     await deliver_ready(rt)
     while not rt.stopping.is_set():

@@ -211,7 +211,7 @@ def write_config(path: Path, spool: Path, base_url: str, **sections: dict[str, A
     merged: dict[str, dict[str, Any]] = {
         "spool": {"root": str(spool), "scan_interval": "1s"},
         "openai": {"base_url": base_url},
-        "batch": {"flush_after": "0.2s", "poll_interval": "0.1s"},
+        "batch": {"flush_after": "0.2s", "poll_interval": "0.1s", "list_lag": "0.5s"},
         "retry": {"base": "50ms", "cap": "1s"},
         "breaker": {"cooldown": "1s"},
         "daemon": {"log_level": "info"},
