@@ -64,7 +64,7 @@ class EmulatorProcess:
         req = urllib.request.Request(  # noqa: S310 - loopback URL we started
             base + path,
             data=data,
-            headers={"Content-Type": "application/json"},
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {TEST_KEY}"},
             method="GET" if body is None else "POST",
         )
         with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310

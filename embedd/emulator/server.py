@@ -6,8 +6,10 @@ fault script may answer instead of the handler (429, 5xx with HTML, dropped
 connection) or spoil the answer afterwards (truncated body, lost response). Handlers
 raise :class:`~embedd.emulator.errors.ApiError`, which becomes OpenAI's error body.
 
-Test-only admin endpoints (no auth): ``POST /_emulator/faults`` replaces the fault
-script; ``GET /_emulator/state`` returns the counters.
+Test-only admin endpoints (they need the key like every other endpoint):
+``POST /_emulator/faults`` replaces the fault script; ``GET /_emulator/state``
+returns the counters, among them ``tokens_billed`` (every token billed, batches and
+sync calls).
 """
 
 from __future__ import annotations
@@ -183,9 +185,16 @@ def _fault_response(emu: Emulator, kind: str, status: int, retry_after: float) -
 @web.middleware
 async def openai_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Auth, route errors, faults and error bodies for every ``/v1`` request."""
-    if request.path.startswith("/_emulator/"):
-        return await handler(request)
     emu = emulator_of(request)
+    if request.path.startswith("/_emulator/"):
+        # Test-only, but keyed like every other endpoint: a fault script is no less
+        # powerful than an API call.
+        try:
+            if not _authorised(request, emu.config.api_key):
+                raise unauthorized(has_key=True)
+        except ApiError as exc:
+            return json_response(exc.body(), status=exc.status)
+        return await handler(request)
     emu.counters["requests"] += 1
     resource = request.match_info.route.resource
     if resource is None or not request.path.startswith("/v1/"):
