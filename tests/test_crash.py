@@ -245,6 +245,10 @@ def check_invariants(
     assert len(ids) == len(set(ids)), "a ledger line was written twice"
     assert state["tokens_billed"] == expected + extra_billed, (state["tokens_billed"], expected)
     assert sum(x["tokens"] for x in usage) == state["tokens_billed"]
+    if not extra_billed:
+        # Every line billed is counted once, also when a collection was resumed.
+        assert sum(x["requests"] for x in usage) == len(unique), usage
+        assert sum(x["estimated_tokens"] for x in usage) == expected, usage
 
     # 5. No orphan upload: every shard upload left belongs to a batch still running.
     batches = emulator_list(emulator, "/batches", key)
@@ -256,6 +260,16 @@ def check_invariants(
     ]
     orphans = [f["filename"] for f in uploads if f["id"] not in live_inputs]
     assert orphans == [], orphans
+    outputs = emulator_list(emulator, "/files?purpose=batch_output", key)
+    assert outputs == [], [f["filename"] for f in outputs]
+    # Nothing left behind in state/: shard files and downloads go with their shard.
+    left = [
+        f"{d}/{p.name}"
+        for d in ("shards", "downloads")
+        if (spool / "state" / d).is_dir()
+        for p in (spool / "state" / d).iterdir()
+    ]
+    assert left == [], left
 
     # 6. The state database agrees with the files.
     db = sqlite3.connect(f"file:{spool / 'state' / 'embedd.sqlite3'}?mode=ro", uri=True)

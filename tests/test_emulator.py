@@ -453,10 +453,12 @@ async def test_invalid_lines_fail_the_batch_while_validating(tmp_path: Path) -> 
         assert failed["status"] == "failed"
         data = failed["errors"]["data"]
         numbers = [e["line"] for e in data]
-        assert numbers and all(1 <= n <= 20 for n in numbers)
+        assert numbers
+        assert all(1 <= n <= 20 for n in numbers)
         assert len(set(numbers)) == len(numbers) < 20
         assert {e["code"] for e in data} == {"invalid_value"}
-        assert failed["output_file_id"] is None and failed["error_file_id"] is None
+        assert failed["output_file_id"] is None
+        assert failed["error_file_id"] is None
         assert failed["usage"]["input_tokens"] == 0
         assert (await api.call("GET", "/_emulator/state")).body["tokens_billed"] == 0
 
@@ -468,7 +470,9 @@ async def test_files_gone_answer_404(tmp_path: Path) -> None:
     script = {"batches": [{"outcome": "complete", "failed_line_rate": 0.3, "files_gone": True}]}
     async with running(tmp_path, faults=script) as (_, api):
         up = await api.upload(jsonl(lines))
-        done = await api.wait_batch((await api.create_batch(up.body["id"])).body["id"], {"completed"})
+        done = await api.wait_batch(
+            (await api.create_batch(up.body["id"])).body["id"], {"completed"}
+        )
         for kind in ("output_file_id", "error_file_id"):
             assert done[kind]
             gone = await api.call("GET", f"/files/{done[kind]}/content")

@@ -39,7 +39,8 @@ of the answered lines failing with ``failed_line_status`` (400 or 500);
 ``invalid``: the batch fails while ``validating``, ``errors.data[].line`` naming the
 lines refused (1-based; ``invalid_line_rate`` of them, at least one), as OpenAI
 reports bad input, nothing billed. ``files_gone: true``: the batch ends as its outcome
-says, but its output and error files answer 404.
+says, but its output and error files answer 404. ``usage_missing: true``: the batch
+object has ``usage: null`` (its lines still report theirs).
 
 Top-level ``list_lag_s``: a new batch appears in ``GET /v1/batches`` only this many
 seconds after its creation (``GET /v1/batches/{id}`` finds it at once), as the real
@@ -105,6 +106,7 @@ class BatchRule:
     match_metadata: dict[str, str] = field(default_factory=dict)
     invalid_line_rate: float = 0.0
     files_gone: bool = False
+    usage_missing: bool = False
 
     def fires(self, metadata: Mapping[str, str] | None) -> bool:
         """Decide (and count) whether this rule applies to a new batch."""
@@ -187,9 +189,11 @@ class FaultPlan:
             raise FaultScriptError("match_metadata must map strings to strings")
         status = int(_number(rule, "failed_line_status", 500, 400, 599))
         gone = rule.get("files_gone", False)
-        if not isinstance(gone, bool):
-            raise FaultScriptError("files_gone must be true or false")
+        no_usage = rule.get("usage_missing", False)
+        if not isinstance(gone, bool) or not isinstance(no_usage, bool):
+            raise FaultScriptError("files_gone and usage_missing must be true or false")
         return BatchRule(
+            usage_missing=no_usage,
             invalid_line_rate=_number(rule, "invalid_line_rate", 0.0, 0, 1),
             files_gone=gone,
             outcome=outcome,

@@ -50,6 +50,7 @@ class BatchRecord:
     token_limit: int | None = None
     invalid_lines: list[int] | None = None  # 1-based lines refused while validating
     files_gone: bool = False  # the output and error files answer 404
+    usage_missing: bool = False  # the batch object carries no `usage`
     cancel_requested: float | None = None
     seed: int = 0
     output: dict[str, Any] | None = field(default=None)
@@ -200,7 +201,9 @@ def render_batch(rec: BatchRecord, now: float) -> dict[str, Any]:
         "cancelling_at": _stamp(phase.times, "cancelling"),
         "cancelled_at": _stamp(phase.times, "cancelled"),
         "request_counts": counts,
-        "usage": {
+        "usage": None
+        if rec.usage_missing
+        else {
             "input_tokens": input_tokens,
             "input_tokens_details": {"cached_tokens": 0},
             "output_tokens": 0,

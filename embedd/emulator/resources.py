@@ -294,6 +294,7 @@ async def create_batch(request: web.Request) -> web.StreamResponse:
         rec.failed_line_rate = rule.failed_line_rate
         rec.failed_line_status = rule.failed_line_status
         rec.files_gone = rule.files_gone
+        rec.usage_missing = rule.usage_missing
         if rule.outcome == "invalid":
             rec.invalid_lines = _invalid_lines(rec, rule.invalid_line_rate)
     limit = config.enqueued_token_limit
