@@ -302,7 +302,20 @@ def finish_after_crash(daemon: DaemonProcess, work: Mapping[str, list[str]]) -> 
     daemon.start()
     wait_ready(daemon)
     wait_settled(daemon, work)
+    # A file can be delivered at start from vectors stored before the kill, while its
+    # batch's collection (and ledger line) is finished after READY: wait for that too.
+    wait_for(lambda: shards_final(daemon.spool), 30, what="every shard collected")
     assert daemon.stop() == 0
+
+
+def shards_final(spool: Path) -> bool:
+    """Whether the state database has no shard still in flight."""
+    db = spool / "state" / "embedd.sqlite3"
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)) as conn:
+        rows = conn.execute(
+            "SELECT COUNT(*) FROM shards WHERE state NOT IN ('collected', 'abandoned')"
+        ).fetchone()
+    return int(rows[0]) == 0
 
 
 # ---- the crash points --------------------------------------------------------------
