@@ -51,6 +51,7 @@ class BatchRecord:
     invalid_lines: list[int] | None = None  # 1-based lines refused while validating
     files_gone: bool = False  # the output and error files answer 404
     usage_missing: bool = False  # the batch object carries no `usage`
+    input_sha256: str | None = None  # of the input file's content, for the soak's books
     cancel_requested: float | None = None
     seed: int = 0
     output: dict[str, Any] | None = field(default=None)

@@ -10,8 +10,10 @@ per-batch lock) and the batch object then names them.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import random
+from pathlib import Path
 from typing import Any
 
 from aiohttp import BodyPartReader, web
@@ -270,9 +272,11 @@ async def create_batch(request: web.Request) -> web.StreamResponse:
             f"The input file's requests are for {EMBEDDINGS_URL}, not {body['endpoint']}.",
             param="endpoint",
         )
+    digest = await asyncio.to_thread(_sha256, emu.store.content_path(meta["id"]))
     now = emu.clock()
     config = emu.config
     rec = BatchRecord(
+        input_sha256=digest,
         id=new_id("batch_"),
         input_file_id=meta["id"],
         endpoint=EMBEDDINGS_URL,
@@ -305,6 +309,14 @@ async def create_batch(request: web.Request) -> web.StreamResponse:
     emu.counters["batches_created"] += 1
     emu.by_metadata[_metadata_key(metadata)] += 1
     return json_response(await _batch_object(emu, rec))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _invalid_lines(rec: BatchRecord, rate: float) -> list[int]:

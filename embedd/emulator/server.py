@@ -80,6 +80,19 @@ class Emulator:
             "faults_fired": self.counters["faults_fired"],
             "batches": len(self.store.batches),
             "files": len(self.store.files),
+            # Per batch, oldest first: what its input was and whether it produced
+            # anything we could fetch (the soak's "no content submitted twice").
+            "batch_log": [
+                {
+                    "id": rec.id,
+                    "created": rec.created,
+                    "input_sha256": rec.input_sha256,
+                    "metadata": rec.metadata,
+                    "completed": int((rec.output or {}).get("completed") or 0),
+                    "files_gone": rec.files_gone,
+                }
+                for rec in sorted(self.store.batches.values(), key=lambda r: (r.created, r.id))
+            ],
         }
 
     def close(self) -> None:
