@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 from contract.emulator_client import Api, embedding_line, jsonl
 
-from tests.conftest import TEST_KEY, DaemonProcess, EmulatorProcess, wait_for
+from tests.conftest import TEST_KEY, DaemonProcess, EmulatorProcess, drop, wait_for
 from tests.test_crash import (
     check_invariants,
     drop_all,
@@ -310,3 +310,28 @@ def test_start_up_sweeps_shard_files_and_downloads_no_shard_needs(
     assert [p.name for p in stale if p.exists()] == []
     assert len(events(daemon, "state.leftover_removed")) == len(stale)
     assert daemon.stop() == 0
+
+
+def test_sigterm_lets_a_sync_call_in_flight_finish_and_records_it(
+    start_emulator: Callable[..., EmulatorProcess],
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    """SIGTERM while a sync call is in flight (the API has done and billed it, the
+    answer is on its way): the call finishes within stop_timeout, its vectors and its
+    ledger line are stored, and the daemon exits 0 (before: cancelled, billed, no line)."""
+    emulator = start_emulator(phase_time=0.05)
+    daemon = new_daemon(tmp_path, request, emulator.url, **FAST)
+    wait_ready(daemon)
+    slow = {"endpoint": "POST /v1/embeddings", "kind": "slow", "seconds": 1.5, "count": 1}
+    emulator.set_faults({"requests": [slow]})
+    drop(daemon.spool, "now.jsonl", b'{"text": "needed at once"}\n', sync=True)
+    wait_for(
+        lambda: emulator.state()["faults_fired"] == 1, 20, what="the sync call to reach the API"
+    )
+    assert daemon.stop() == 0
+    billed = emulator.state()["tokens_billed"]
+    assert billed > 0
+    lines = [x for x in ledger(daemon.spool) if x["kind"] == "sync"]
+    assert [x["tokens"] for x in lines] == [billed]
+    assert events(daemon, "sync.embedded")

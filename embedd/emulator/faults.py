@@ -30,6 +30,7 @@ the emulator's ``seed`` and the rule's position; with neither it fires always. K
 - ``drop``: the connection is closed without an answer
 - ``truncate``: the answer declares its full Content-Length but stops half way
 - ``lost_response``: the request is carried out, then the connection is closed
+- ``slow``: the request is carried out, and the answer sent ``seconds`` later
 
 ``batches`` rules are tried in order when a batch is created; the first that
 matches (all of ``match_metadata`` present in the batch's metadata, ``count`` not
@@ -55,7 +56,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 REQUEST_KINDS = frozenset(
-    {"rate_limit", "insufficient_quota", "server_error", "drop", "truncate", "lost_response"}
+    {
+        "rate_limit",
+        "insufficient_quota",
+        "server_error",
+        "drop",
+        "truncate",
+        "lost_response",
+        "slow",
+    }
 )
 BATCH_OUTCOMES = frozenset({"complete", "expire", "cancel", "invalid"})
 
@@ -75,6 +84,7 @@ class RequestRule:
     skip: int = 0
     status: int = 500
     retry_after: float = 1.0
+    seconds: float = 0.0
     rng: random.Random = field(default_factory=random.Random, repr=False)
 
     def fires(self, endpoint: str) -> bool:
@@ -172,6 +182,7 @@ class FaultPlan:
             skip=_optional_int(rule, "skip") or 0,
             status=status,
             retry_after=_number(rule, "retry_after", 1.0, 0, 86400),
+            seconds=_number(rule, "seconds", 0.0, 0, 3600),
             rng=random.Random(f"{seed}:{position}"),
         )
 

@@ -226,7 +226,7 @@ async def openai_middleware(request: web.Request, handler: Handler) -> web.Strea
         emu.counters["faults_fired"] += 1
         if rule.kind == "drop":
             return _drop(request)
-        if rule.kind not in ("truncate", "lost_response"):
+        if rule.kind not in ("truncate", "lost_response", "slow"):
             return _fault_response(emu, rule.kind, rule.status, rule.retry_after)
         request[TRUNCATE] = rule.kind == "truncate"
     try:
@@ -237,6 +237,8 @@ async def openai_middleware(request: web.Request, handler: Handler) -> web.Strea
         response = json_response(error_body(exc.reason or "Invalid request"), status=exc.status)
     if rule is not None and rule.kind == "lost_response":
         return _drop(request)
+    if rule is not None and rule.kind == "slow":
+        await asyncio.sleep(rule.seconds)  # done and billed; the answer comes late
     if request.get(TRUNCATE) and isinstance(response, web.Response):
         return await _truncated(request, response)
     if not response.prepared:
