@@ -195,7 +195,7 @@ async def collect(rt: Runtime, shard: str, batch: dict[str, Any]) -> None:
     )
     tokens = int(billed) if exact and isinstance(billed, int) else line_tokens
     ledger_row = None
-    unbilled = {k for k, _ in retry} | {k for k, _ in fail}
+    unbilled = {k for k, _ in retry} | {k for k, _ in fail} | set(requeue)
     if not exact and completed and not tokens:
         tokens = sum(sent[k] for k in seen if k not in unbilled)
     if completed or tokens:

@@ -57,6 +57,7 @@ class EmulatorProcess:
 
     proc: subprocess.Popen[str]
     url: str
+    key: str = TEST_KEY  # the control endpoints need the key like every other
 
     def _admin(self, path: str, body: dict[str, Any] | None = None) -> Any:
         base = self.url.removesuffix("/v1")
@@ -64,7 +65,7 @@ class EmulatorProcess:
         req = urllib.request.Request(  # noqa: S310 - loopback URL we started
             base + path,
             data=data,
-            headers={"Content-Type": "application/json", "Authorization": f"Bearer {TEST_KEY}"},
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.key}"},
             method="GET" if body is None else "POST",
         )
         with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310
@@ -108,7 +109,8 @@ def start_emulator(tmp_path: Path) -> Iterator[Callable[..., EmulatorProcess]]:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         assert "listening on" in line, f"emulator did not start: {line!r}"
-        return EmulatorProcess(proc, line.strip().split()[-1])
+        key = args[args.index("--api-key") + 1] if "--api-key" in args else TEST_KEY
+        return EmulatorProcess(proc, line.strip().split()[-1], key)
 
     yield start
     for proc in started:
