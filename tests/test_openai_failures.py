@@ -335,3 +335,33 @@ def test_sigterm_lets_a_sync_call_in_flight_finish_and_records_it(
     lines = [x for x in ledger(daemon.spool) if x["kind"] == "sync"]
     assert [x["tokens"] for x in lines] == [billed]
     assert events(daemon, "sync.embedded")
+
+
+def test_unknown_shard_survives_a_kill_and_is_settled_after_restart(
+    start_emulator: Callable[..., EmulatorProcess],
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    """A shard left `unknown` (create answer lost, listing failing) by a daemon that is
+    then killed stays unknown in the database; the next start's reconciliation
+    settles it from the list: no second batch, nothing paid twice."""
+    emulator = start_emulator(phase_time=0.05)
+    daemon = new_daemon(tmp_path, request, emulator.url, **FAST)
+    wait_ready(daemon)
+    emulator.set_faults(
+        {
+            "requests": [
+                {"endpoint": "POST /v1/batches", "kind": "lost_response", "count": 1},
+                {"endpoint": "GET /v1/batches", "kind": "server_error"},  # always
+            ]
+        }
+    )
+    work = workload("restart", files=1, per_file=5)
+    drop_all(daemon.spool, work)
+    wait_for(lambda: events(daemon, "shard.create_unknown"), 30, what="an unknown create")
+    daemon.kill()
+    assert db_rows(daemon.spool, "SELECT state FROM shards") == [("unknown",)]
+    emulator.set_faults({})
+    finish_after_crash(daemon, work)
+    check_invariants(daemon.spool, emulator, work)
+    assert emulator.state()["create_batch_calls"] == 1
