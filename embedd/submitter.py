@@ -176,10 +176,10 @@ async def settle_unknown(rt: Runtime) -> None:
         return
     try:
         await reconcile(rt)
-    except TransientError as exc:
+    except (TransientError, APIPermanentError) as exc:  # a listing that failed settles nothing
         for row in unknown:
             lookups = int(row["lookups"]) + 1
-            delay = rt.client.policy.delay(lookups, exc.retry_after)
+            delay = rt.client.policy.delay(lookups, getattr(exc, "retry_after", None))
             await rt.store.update_shard(row["id"], lookups=lookups, lookup_at=now + delay)
         rt.log.warning("shard.lookup_failed", shards=len(unknown), error=exc.message)
 
