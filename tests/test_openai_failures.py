@@ -62,9 +62,10 @@ def run(
     files: int = 2,
     per_file: int = 12,
     faults: dict[str, Any] | None = None,
+    **sections: dict[str, Any],
 ) -> tuple[DaemonProcess, dict[str, list[str]]]:
     """Start a daemon, set the faults once it is up, drop a workload, wait for it."""
-    daemon = new_daemon(tmp_path, request, emulator.url, **FAST)
+    daemon = new_daemon(tmp_path, request, emulator.url, **{**FAST, **sections})
     wait_ready(daemon)
     if faults is not None:
         emulator.set_faults(faults)
@@ -273,7 +274,10 @@ def test_failed_remote_deletes_are_recorded_and_retried(
         "batches": [{"outcome": "complete", "failed_line_rate": 0.2}],
         "requests": [{"endpoint": "DELETE /v1/files/{id}", "kind": "server_error", "count": 12}],
     }
-    daemon, _ = run(emulator, tmp_path, request, "deletes", files=1, per_file=8, faults=script)
+    quick = {"base": "10ms", "cap": "20ms"}
+    daemon, _ = run(
+        emulator, tmp_path, request, "deletes", files=1, per_file=8, faults=script, retry=quick
+    )
     assert events(daemon, "file.delete_failed")
 
     def all_gone() -> bool:
@@ -365,3 +369,36 @@ def test_unknown_shard_survives_a_kill_and_is_settled_after_restart(
     finish_after_crash(daemon, work)
     check_invariants(daemon.spool, emulator, work)
     assert emulator.state()["create_batch_calls"] == 1
+
+
+def test_reconciliation_deletes_leftover_files_of_our_batches(
+    start_emulator: Callable[..., EmulatorProcess],
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    """Input, output and error files of our finished batches that are still at OpenAI
+    with no delete recorded (what an older version or a lost row leaves) are found by
+    the start-up reconciliation among files of purpose `batch` and `batch_output`, and
+    deleted."""
+    emulator = start_emulator(phase_time=0.05)
+    script = {
+        "batches": [{"outcome": "complete", "failed_line_rate": 0.3}],
+        "requests": [{"endpoint": "DELETE /v1/files/{id}", "kind": "server_error"}],  # always
+    }
+    quick = {"base": "10ms", "cap": "20ms"}
+    daemon, _ = run(
+        emulator, tmp_path, request, "leftover", files=1, per_file=6, faults=script, retry=quick
+    )
+    assert daemon.stop() == 0
+    kinds = {f["purpose"] for f in emulator_list(emulator, "/files")}
+    assert kinds == {"batch", "batch_output"}
+    db = daemon.spool / "state" / "embedd.sqlite3"
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute("DELETE FROM remote_deletes")
+        conn.commit()
+    emulator.set_faults({})
+    daemon.start()
+    wait_ready(daemon)
+    wait_for(lambda: emulator_list(emulator, "/files") == [], 30, what="the leftovers deleted")
+    assert events(daemon, "files.leftovers_found")
+    assert daemon.stop() == 0
