@@ -34,7 +34,7 @@ from tests.test_crash import (
 
 FAST: dict[str, dict[str, Any]] = {
     "batch": {"max_lines": 20, "flush_after": "0.2s", "poll_interval": "0.1s", "list_lag": "1s"},
-    "retry": {"base": "50ms", "cap": "1s"},
+    "retry": {"base": "20ms", "cap": "200ms"},
 }
 
 
@@ -94,7 +94,7 @@ def run(
             {
                 "requests": [
                     {"endpoint": "POST /v1/batches", "kind": "lost_response", "count": 1},
-                    {"endpoint": "GET /v1/batches", "kind": "server_error", "count": 14},
+                    {"endpoint": "GET /v1/batches", "kind": "server_error", "count": 6},
                 ]
             },
         ),
