@@ -402,3 +402,33 @@ def test_reconciliation_deletes_leftover_files_of_our_batches(
     wait_for(lambda: emulator_list(emulator, "/files") == [], 30, what="the leftovers deleted")
     assert events(daemon, "files.leftovers_found")
     assert daemon.stop() == 0
+
+
+def test_collection_resumed_after_a_failed_error_file_download_counts_every_line(
+    start_emulator: Callable[..., EmulatorProcess],
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    """The output file is stored, then the error file's download fails past its
+    retries; the collection is resumed at the next poll and its ledger line still
+    counts every billed line (before: `requests` only from requests still planned)."""
+    emulator = start_emulator(phase_time=0.05)
+    script = {
+        "batches": [{"outcome": "complete", "failed_line_rate": 0.3, "count": 1}],
+        "requests": [
+            {
+                "endpoint": "GET /v1/files/{id}/content",
+                "kind": "server_error",
+                "status": 502,
+                "skip": 1,
+                "count": 6,
+            }
+        ],
+    }
+    quick = {"base": "10ms", "cap": "20ms", "max_retries": 4}
+    daemon, work = run(
+        emulator, tmp_path, request, "errfile", files=1, per_file=10, faults=script, retry=quick
+    )
+    assert daemon.stop() == 0
+    assert any("download_file" in e.get("error", "") for e in events(daemon, "poll.retry_later"))
+    check_invariants(daemon.spool, emulator, work)
