@@ -63,9 +63,12 @@ def test_random_kills_under_faults_lose_nothing_and_pay_once(
     request: pytest.FixtureRequest,
 ) -> None:
     """More than 20 kill -9 at random moments, with 5xx, dropped connections, lost
-    create responses, truncated downloads, expired and cancelled batches and failed
-    lines on: every file still ends once in the outbox, no shard becomes two
-    batches, no text is billed twice, no upload is orphaned, the database agrees."""
+    create responses while the batch list lags, truncated downloads, an output file
+    that answers 404, a batch failing validation, expired and cancelled batches and
+    failed lines on: every file still ends once in the outbox (or in failed/ for the
+    invalid lines), no two batches share metadata, no batch content is submitted
+    again after a batch that produced something, the ledger equals what the emulator
+    billed, no upload or output file is left, and the database agrees."""
     seed = int(os.environ.get("EMBEDD_SOAK_SEED") or random.SystemRandom().randrange(1 << 30))
     print(f"soak seed: {seed}  (replay with EMBEDD_SOAK_SEED={seed})")
     rng = random.Random(seed)
