@@ -321,6 +321,9 @@ async def advance(rt: Runtime, shard: str) -> None:
         # one transaction, so a crash never leaves the shard half refused.
         await rt.store.refuse_shard(shard, exc.message, rt.settings.retry_max_retries, rt.clock())
         rt.log.error("shard.refused", shard=shard, error=exc.message)
+        if file_id:  # its upload is of no use any more
+            await rt.store.plan_remote_deletes([(str(file_id), shard, "input")], rt.clock())
+        path.unlink(missing_ok=True)
         return
     await _record_submitted(rt, shard, batch)
     await unpause(rt)

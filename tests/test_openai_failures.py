@@ -432,3 +432,25 @@ def test_collection_resumed_after_a_failed_error_file_download_counts_every_line
     assert daemon.stop() == 0
     assert any("download_file" in e.get("error", "") for e in events(daemon, "poll.retry_later"))
     check_invariants(daemon.spool, emulator, work)
+
+
+def test_refused_create_requeues_in_one_step_and_deletes_its_upload(
+    start_emulator: Callable[..., EmulatorProcess],
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    """A create refused for good (400): the shard is abandoned and its requests are
+    re-queued with a try counted, together; its upload is deleted (recorded, so it is
+    not left at OpenAI); the work completes in a new batch."""
+    emulator = start_emulator(phase_time=0.05)
+    refuse = {"endpoint": "POST /v1/batches", "kind": "server_error", "status": 400, "count": 1}
+    daemon, work = run(
+        emulator, tmp_path, request, "refused", files=1, per_file=5, faults={"requests": [refuse]}
+    )
+    assert daemon.stop() == 0
+    assert events(daemon, "shard.refused")
+    shards = db_rows(daemon.spool, "SELECT state, file_id FROM shards ORDER BY created_at")
+    assert [s for s, _ in shards] == ["abandoned", "collected"]
+    deleted = {e["file_id"] for e in events(daemon, "file.deleted")}
+    assert shards[0][1] in deleted
+    check_invariants(daemon.spool, emulator, work)
