@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 
 from embedd import metrics
 from embedd.budgeting import check_spend
-from embedd.cost import LedgerEntry, entry_row, make_entry, parse_line
+from embedd.cost import LedgerEntry, entry_row, make_dedup_entry, parse_line
 from embedd.runtime import Runtime
 
 
@@ -51,19 +51,16 @@ async def flush_ledger(rt: Runtime) -> int:
 
 
 async def record_dedup(rt: Runtime, job: str, lane: str, tokens: int) -> None:
-    """A ledger line for what deduplication saved one file: no requests, no cost.
+    """A `kind: "dedup"` ledger line for what deduplication saved one file: no cost.
 
-    Keyed `dedup:JOB`, so delivering the file again after a crash adds no second line.
+    Keyed by the job, so delivering the file again after a crash adds no second line.
     """
     s = rt.settings
-    entry = make_entry(
-        "sync" if lane == "sync" else "batch",
-        batch_id=f"dedup:{job}",
+    entry = make_dedup_entry(
+        job,
+        lane="sync" if lane == "sync" else "batch",
         model=s.openai_model,
         dimensions=s.openai_dimensions,
-        requests=0,
-        tokens=0,
-        estimated_tokens=0,
         dedup_tokens=tokens,
         emulated=rt.emulated,
         prices=rt.prices,

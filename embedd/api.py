@@ -379,9 +379,11 @@ class OpenAIClient:
 
         Batch creation has no idempotency key. After an ambiguous failure (timeout,
         lost connection, 5xx) the batch may exist anyway, so before any retry the
-        recent batches are searched for one with our exact ``metadata``. A "file not
-        found" answer right after the upload is retried like a 5xx (the file is not
-        visible yet). If the outcome stays unknown, ``CreateOutcomeUnknown`` is raised.
+        recent batches are searched for one with our exact ``metadata``; if none is
+        listed, that proves nothing (the list lags behind creates), so
+        ``CreateOutcomeUnknown`` is raised rather than POSTing again: the caller holds
+        the shard until a later lookup settles it. A "file not found" answer right
+        after the upload is retried like a 5xx (the file is not visible yet).
         """
         body = {
             "input_file_id": input_file_id,
@@ -402,8 +404,14 @@ class OpenAIClient:
                     f"create_batch outcome unknown and the lookup failed: {exc}",
                     status=outcome.status,
                 ) from None
-            if found is not None:
-                self._log.info("api.create_batch.recovered", batch_id=found.get("id"))
+            if found is None:
+                # Not proof that no batch was made: a new batch can take a while to
+                # appear in the list. A second POST now could make a duplicate.
+                raise CreateOutcomeUnknown(
+                    "create_batch outcome unknown: no batch with our metadata is listed yet",
+                    status=outcome.status,
+                )
+            self._log.info("api.create_batch.recovered", batch_id=found.get("id"))
             return found
 
         def file_not_ready(outcome: _Outcome, decision: Decision) -> Decision:

@@ -50,7 +50,7 @@ from embedd.runtime import Runtime
 
 FACT = "budget"
 # Shards whose batch may still bill: planned and submitted but not yet collected.
-_UNBILLED = ("planned", "uploaded", "submitted", "collecting")
+_UNBILLED = ("planned", "uploaded", "unknown", "submitted", "collecting")
 
 
 @dataclass(frozen=True, slots=True)

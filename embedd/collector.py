@@ -30,7 +30,7 @@ from embedd.accounting import flush_ledger, ledger_time
 from embedd.batchlines import LineResult, MalformedLine, parse_output_line
 from embedd.cost import entry_row, make_entry
 from embedd.crashpoints import crash_point
-from embedd.errors import EmbeddError, SubmissionPaused, TransientError
+from embedd.errors import APIPermanentError, EmbeddError, SubmissionPaused, TransientError
 from embedd.planner import learn_queue_limit
 from embedd.runtime import Runtime
 from embedd.states import BATCH_TERMINAL
@@ -43,6 +43,27 @@ UNFINISHED_CODES = frozenset({"batch_expired", "batch_cancelled"})
 
 def downloads_dir(rt: Runtime) -> Path:
     return rt.paths.state_dir / "downloads"
+
+
+async def sweep_local_files(rt: Runtime) -> list[str]:
+    """At start, before any stage runs: remove `state/shards/` and `state/downloads/`
+    files (and `.part` leftovers) that no unfinished shard needs; return their names."""
+    keep = {
+        r["id"]
+        for r in await rt.store.shards_in(
+            "planned", "uploaded", "unknown", "submitted", "collecting"
+        )
+    }
+    removed: list[str] = []
+    for folder in (rt.paths.state_dir / "shards", downloads_dir(rt)):
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            shard = path.name.split(".", 1)[0]
+            if path.is_file() and (shard not in keep or path.name.endswith(".part")):
+                path.unlink(missing_ok=True)
+                removed.append(f"{folder.name}/{path.name}")
+    return removed
 
 
 async def poll_loop(rt: Runtime) -> None:
@@ -73,6 +94,9 @@ async def poll_once(rt: Runtime) -> None:
             functools.partial(give_up_shard, rt, row["id"]),
         )
 
+    await poll_strays(rt)
+    await delete_remote_files(rt)
+
 
 async def _collect_supervised(rt: Runtime, shard: str, batch: dict[str, Any]) -> None:
     """`collect` as a supervised unit (SPEC §8): given up, its requests fail for good."""
@@ -86,10 +110,14 @@ async def _collect_supervised(rt: Runtime, shard: str, batch: dict[str, Any]) ->
 
 async def give_up_shard(rt: Runtime, shard: str, reason: str) -> None:
     """A batch that cannot be polled or collected, for good: what it did not deliver
-    fails with `reason` (vectors already stored stay), and the shard is closed."""
+    fails with `reason` (vectors already stored stay), and the shard is closed. Its
+    batch is handed to the stray-batch settlement: cancelled if it still runs, and
+    what OpenAI billed for it still gets its one ledger line (SPEC §6)."""
     rows = [r for r in await rt.store.shards_in("submitted", "collecting") if r["id"] == shard]
     if not rows:
         return
+    if rows[0]["batch_id"]:
+        await rt.store.add_stray(str(rows[0]["batch_id"]), shard, rows[0]["status"], rt.clock())
     if rows[0]["state"] == "submitted":
         await rt.store.move_shard(shard, "collecting", final=json.dumps({"error": reason}))
     keys = await rt.store.shard_keys(shard)
@@ -143,7 +171,9 @@ def _stuck(rt: Runtime, batch: dict[str, Any], now: float) -> bool:
 async def collect(rt: Runtime, shard: str, batch: dict[str, Any]) -> None:
     """Collect one ended batch: vectors, per-request verdicts, ledger line."""
     s = rt.settings
-    sent = await rt.store.shard_tokens(shard)
+    # Membership from the shard's own record: a resumed collection (after a kill, or
+    # a failed download) counts every line again, not only those still planned.
+    sent = await rt.store.shard_members(shard) or await rt.store.shard_tokens(shard)
     status = str(batch.get("status"))
     batch_id = str(batch.get("id"))
     seen: set[str] = set()
@@ -161,7 +191,12 @@ async def collect(rt: Runtime, shard: str, batch: dict[str, Any]) -> None:
     ]
     for kind, file_id in files:
         dest = downloads / f"{shard}.{kind}.jsonl"
-        await rt.client.download_file(str(file_id), dest)
+        try:
+            await rt.client.download_file(str(file_id), dest)
+        except APIPermanentError as exc:
+            # The file is gone (404): its lines count as missing, per SPEC §4.
+            rt.log.error("batch.file_unavailable", shard=shard, kind=kind, error=exc.message)
+            continue
         with dest.open("rb") as fh:
             while True:
                 results = await asyncio.to_thread(_parse_slice, fh, s.openai_dimensions)
@@ -194,9 +229,14 @@ async def collect(rt: Runtime, shard: str, batch: dict[str, Any]) -> None:
         await _failed_batch(rt, shard, batch, missing, fail, requeue, retry)
     usage = batch.get("usage") or {}
     billed = usage.get("input_tokens") if isinstance(usage, dict) else None
-    tokens = int(billed) if isinstance(billed, int) and billed > 0 else line_tokens
+    exact = (
+        isinstance(billed, int) and not isinstance(billed, bool) and (billed > 0 or not completed)
+    )
+    tokens = int(billed) if exact and isinstance(billed, int) else line_tokens
     ledger_row = None
-    unbilled = {k for k, _ in retry} | {k for k, _ in fail}
+    unbilled = {k for k, _ in retry} | {k for k, _ in fail} | set(requeue)
+    if not exact and completed and not tokens:
+        tokens = sum(sent[k] for k in seen if k not in unbilled)
     if completed or tokens:
         entry = make_entry(
             "batch",
@@ -210,8 +250,14 @@ async def collect(rt: Runtime, shard: str, batch: dict[str, Any]) -> None:
             emulated=rt.emulated,
             prices=rt.prices,
             now=ledger_time(rt),
+            estimated=not exact,
         )
         ledger_row = entry_row(entry)
+    # Recorded before the shard is final; carried out (and retried) once it is.
+    remote = [("input", batch.get("input_file_id")), *files]
+    await rt.store.plan_remote_deletes(
+        [(str(fid), shard, kind) for kind, fid in remote if fid], rt.clock()
+    )
     await rt.store.apply_results(
         shard=shard,
         vectors=[],
@@ -319,17 +365,108 @@ def _describe(r: LineResult) -> str:
 async def _clean_up(
     rt: Runtime, shard: str, batch: dict[str, Any], files: list[tuple[str, Any]]
 ) -> None:
-    """Remove local copies and the files at OpenAI; failures here cost nothing."""
+    """Remove the local copies; the files at OpenAI go through the recorded deletes."""
     for kind, _ in files:
-        (downloads_dir(rt) / f"{shard}.{kind}.jsonl").unlink(missing_ok=True)
+        dest = downloads_dir(rt) / f"{shard}.{kind}.jsonl"
+        dest.unlink(missing_ok=True)
+        dest.with_name(dest.name + ".part").unlink(missing_ok=True)
     path = await rt.store.shard_path(shard)
     if path:
         Path(path).unlink(missing_ok=True)
-    remote = [batch.get("input_file_id"), *(fid for _, fid in files)]
-    for file_id in remote:
-        if not file_id:
-            continue
+    await delete_remote_files(rt)
+
+
+async def delete_remote_files(rt: Runtime) -> None:
+    """Carry out the recorded deletes that are due; a failure is retried with backoff."""
+    now = rt.clock()
+    for row in await rt.store.due_remote_deletes(now):
+        if rt.stopping.is_set():
+            return
+        file_id = str(row["file_id"])
         try:
-            await rt.client.delete_file(str(file_id))
+            await rt.client.delete_file(file_id)
+        except APIPermanentError as exc:
+            if exc.status != 404:
+                rt.log.warning("file.delete_refused", file_id=file_id, error=exc.message)
+            # 404: already gone. Anything else permanent: retrying cannot help.
         except EmbeddError as exc:
-            rt.log.info("file.delete_failed", file_id=file_id, error=exc.message)
+            attempts = int(row["attempts"]) + 1
+            delay = rt.client.policy.delay(attempts, getattr(exc, "retry_after", None))
+            await rt.store.remote_delete_failed(file_id, exc.message, now + delay)
+            rt.log.info("file.delete_failed", file_id=file_id, error=exc.message, retry_in_s=delay)
+            continue
+        await rt.store.remote_delete_done(file_id)
+        rt.log.info("file.deleted", file_id=file_id, kind=row["kind"], shard=row["shard"])
+
+
+async def poll_strays(rt: Runtime) -> None:
+    """Second batches found for a shard: cancel while they run, bill them when they end.
+
+    Their output is not used (the shard's own batch carries its work); what OpenAI
+    billed for them still gets exactly one `batch` ledger line (SPEC §6).
+    """
+    s = rt.settings
+    for row in await rt.store.open_strays():
+        if rt.stopping.is_set():
+            return
+        batch_id = str(row["batch_id"])
+        try:
+            batch = await rt.client.retrieve_batch(batch_id)
+            status = batch.get("status")
+            if status not in BATCH_TERMINAL:
+                if status != "cancelling":
+                    await rt.client.cancel_batch(batch_id)
+                continue
+        except APIPermanentError as exc:
+            rt.log.error("batch.duplicate_refused", batch=batch_id, error=exc.message)
+            continue
+        counts = batch.get("request_counts") or {}
+        completed = int(counts.get("completed") or 0)
+        total = int(counts.get("total") or 0)
+        usage = batch.get("usage") or {}
+        billed = usage.get("input_tokens") if isinstance(usage, dict) else None
+        exact = isinstance(billed, int) and not isinstance(billed, bool)
+        if exact and isinstance(billed, int):
+            tokens = billed
+        else:
+            members = await rt.store.shard_members(str(row["shard"]))
+            share = completed / total if total else 0.0
+            tokens = round(sum(members.values()) * share)
+        ledger_row = None
+        if completed or tokens:
+            entry = make_entry(
+                "batch",
+                batch_id=batch_id,
+                model=s.openai_model,
+                dimensions=s.openai_dimensions,
+                requests=completed,
+                tokens=tokens,
+                estimated_tokens=0,
+                dedup_tokens=0,
+                emulated=rt.emulated,
+                prices=rt.prices,
+                now=ledger_time(rt),
+                estimated=not exact,
+            )
+            ledger_row = entry_row(entry)
+        files = [
+            (str(batch[f"{kind}_file_id"]), kind)
+            for kind in ("output", "error")
+            if batch.get(f"{kind}_file_id")
+        ]
+        if files:
+            await rt.store.plan_remote_deletes([(f, None, k) for f, k in files], rt.clock())
+        if batch.get("input_file_id"):
+            await rt.store.plan_remote_deletes(
+                [(str(batch["input_file_id"]), str(row["shard"]), "input")], rt.clock()
+            )
+        await rt.store.settle_stray(batch_id, ledger_row, rt.clock())
+        rt.log.warning(
+            "batch.duplicate_settled",
+            shard=row["shard"],
+            batch=batch_id,
+            status=status,
+            completed=completed,
+            tokens=tokens,
+        )
+        await flush_ledger(rt)

@@ -306,6 +306,13 @@ KEYS: tuple[Key, ...] = (
         "1h",
         "a batch still running this long after its expires_at is cancelled and its work re-queued",
     ),
+    Key(
+        "batch",
+        "list_lag",
+        parse_duration,
+        "60s",
+        "how long a new batch may take to appear in GET /v1/batches; a lost create is taken as not made only by a listing this long after it",
+    ),
     Key("sync", "max_inputs", _positive_int, 2048, "most inputs in one /v1/embeddings request"),
     Key(
         "sync",
@@ -415,6 +422,7 @@ class Settings:
     batch_flush_after: float
     batch_poll_interval: float
     batch_expiry_grace: float
+    batch_list_lag: float
     sync_max_inputs: int
     sync_max_request_tokens: int
     limits_rpm: int

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Context, Decimal, Inexact, InvalidOperation
 from types import MappingProxyType
@@ -35,7 +35,7 @@ _QUANTUM = Decimal(1).scaleb(-MONEY_PLACES)
 # Enough digits that tokens x price is never rounded; Inexact traps if it ever were.
 _EXACT = Context(prec=60, rounding=ROUND_HALF_EVEN, traps=[InvalidOperation, Inexact])
 
-UsageKind: TypeAlias = Literal["batch", "sync"]
+UsageKind: TypeAlias = Literal["batch", "sync", "dedup"]
 BudgetName: TypeAlias = Literal["daily", "monthly"]
 BudgetAction: TypeAlias = Literal["warn", "pause"]
 EntryKey: TypeAlias = tuple[str, ...]
@@ -195,10 +195,15 @@ class LedgerEntry:
     dedup_tokens: int
     dedup_saved_usd: Decimal
     emulated: bool
+    # Tokens are the local count, not the API's `usage` (a batch reported none).
+    estimated: bool = False
 
     @property
     def key(self) -> EntryKey:
-        """The ledger's idempotency key: one line per batch or request group."""
+        """The ledger's idempotency key: one line per batch or request group, and one
+        dedup line per job (a dedup entry's `batch_id` holds the job id, written `job`)."""
+        if self.kind == "dedup":
+            return ("dedup", self.batch_id)
         return ("usage", self.batch_id)
 
 
@@ -242,6 +247,7 @@ def make_entry(
     emulated: bool,
     prices: Mapping[str, Price],
     now: datetime,
+    estimated: bool = False,
 ) -> LedgerEntry:
     """The ledger entry for billed usage.
 
@@ -280,7 +286,41 @@ def make_entry(
         dedup_tokens=dedup_tokens,
         dedup_saved_usd=money(cost(dedup_tokens, lane_price)),
         emulated=emulated,
+        estimated=estimated,
     )
+
+
+def make_dedup_entry(
+    job: str,
+    *,
+    lane: Literal["batch", "sync"],
+    model: str,
+    dimensions: int,
+    dedup_tokens: int,
+    emulated: bool,
+    prices: Mapping[str, Price],
+    now: datetime,
+) -> LedgerEntry:
+    """What deduplication saved one job: a `kind: "dedup"` line, no tokens, no cost.
+
+    `dedup_saved_usd` is what the deduplicated tokens would have cost on `lane`.
+    """
+    if not job:
+        raise ValueError("job must not be empty")
+    entry = make_entry(
+        lane,
+        batch_id=job,
+        model=model,
+        dimensions=dimensions,
+        requests=0,
+        tokens=0,
+        estimated_tokens=0,
+        dedup_tokens=dedup_tokens,
+        emulated=emulated,
+        prices=prices,
+        now=now,
+    )
+    return replace(entry, kind="dedup")
 
 
 def to_json_line(entry: Entry) -> bytes:
@@ -289,6 +329,10 @@ def to_json_line(entry: Entry) -> bytes:
     for f in fields(entry):
         value = getattr(entry, f.name)
         obj[f.name] = format_ts(value) if isinstance(value, datetime) else value
+    if obj.get("estimated") is False:
+        del obj["estimated"]  # only a line from the local count says so
+    if obj.get("kind") == "dedup":
+        obj = {"job" if k == "batch_id" else k: v for k, v in obj.items()}
     # `ts` and `kind` first so a person reading the file sees them at once.
     ordered = {"ts": obj.pop("ts"), "kind": obj.pop("kind"), **obj}
     return (dumps_exact(ordered) + "\n").encode()
@@ -348,7 +392,7 @@ def from_json(obj: Mapping[str, Any]) -> Entry:
     `estimated_tokens`, `dedup_tokens` and `dedup_saved_usd` default to 0 when absent;
     unknown keys are ignored so that older readers accept newer lines.
     """
-    kind = _str(obj, "kind", ("batch", "sync", "alert"))
+    kind = _str(obj, "kind", ("batch", "sync", "dedup", "alert"))
     if kind == "alert":
         return AlertEntry(
             ts=_ts(obj),
@@ -365,7 +409,7 @@ def from_json(obj: Mapping[str, Any]) -> Entry:
     return LedgerEntry(
         ts=_ts(obj),
         kind=kind,  # type: ignore[arg-type]
-        batch_id=_str(obj, "batch_id"),
+        batch_id=_str(obj, "job" if kind == "dedup" else "batch_id"),
         model=_str(obj, "model"),
         dimensions=_int(obj, "dimensions"),
         requests=_int(obj, "requests"),
@@ -377,6 +421,7 @@ def from_json(obj: Mapping[str, Any]) -> Entry:
         dedup_tokens=_int(obj, "dedup_tokens", 0),
         dedup_saved_usd=_money_field(obj, "dedup_saved_usd", Decimal(0)),
         emulated=emulated,
+        estimated=obj.get("estimated") is True,
     )
 
 
@@ -411,7 +456,7 @@ class Totals:
         if isinstance(entry, AlertEntry):
             return Totals(**{**_as_dict(self), "alerts": self.alerts + 1})
         return Totals(
-            entries=self.entries + 1,
+            entries=self.entries + (entry.kind != "dedup"),
             alerts=self.alerts,
             requests=self.requests + entry.requests,
             tokens=self.tokens + entry.tokens,

@@ -33,7 +33,7 @@ import watchfiles
 from embedd.accounting import flush_ledger
 from embedd.api import OpenAIClient, make_session
 from embedd.breaker import Breaker
-from embedd.collector import poll_loop
+from embedd.collector import poll_loop, sweep_local_files
 from embedd.config import Settings
 from embedd.crashpoints import fault_point
 from embedd.delivery import deliver_loop, deliver_ready
@@ -248,6 +248,8 @@ async def _recover(rt: Runtime) -> None:
     for name in await asyncio.to_thread(sweep_stale_temps, [rt.paths.outbox, rt.paths.failed]):
         log.info("spool.stale_temp_removed", file=name)
     await resume_claims(rt)
+    for name in await sweep_local_files(rt):
+        log.info("state.leftover_removed", file=name)
     # A full disk must not stop the start: the ledger is flushed again after every
     # collection and delivery, and deliveries are retried by their stage.
     await rt.guard.run("ledger", "flush", functools.partial(flush_ledger, rt), record=False)

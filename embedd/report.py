@@ -85,7 +85,7 @@ class _Sum:
     emulated: bool = True
 
     def add(self, e: LedgerEntry) -> None:
-        self.entries += 1
+        self.entries += e.kind != "dedup"  # a dedup line is no batch or call
         self.requests += e.requests
         self.tokens += e.tokens
         self.cost_usd += e.cost_usd

@@ -17,8 +17,11 @@ Request (one unique input to embed; shared by every record with the same text):
 
 Shard (one batch file and the OpenAI batch made from it):
     planned ─► uploaded ─► submitted ─► collecting ─► collected
-       │          │            │
-       └──────────┴────────────┴──► abandoned  (nothing was left to send)
+       │          │ ▲          ▲
+       │          ▼ │          │
+       │        unknown ───────┘   (create's answer lost and the lookup failed: a
+       │          │                 lookup settles it — found, or proven absent)
+       └──────────┴──► abandoned  (nothing was left to send)
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ REQUEST_TRANSITIONS: Mapping[str, frozenset[str]] = {
 
 SHARD_TRANSITIONS: Mapping[str, frozenset[str]] = {
     "planned": frozenset({"uploaded", "abandoned"}),
-    "uploaded": frozenset({"submitted", "abandoned"}),
+    "uploaded": frozenset({"submitted", "unknown", "abandoned"}),
+    "unknown": frozenset({"submitted", "uploaded", "abandoned"}),
     "submitted": frozenset({"collecting"}),
     "collecting": frozenset({"collected"}),
     "collected": frozenset(),
@@ -65,7 +69,7 @@ BATCH_STATUSES = frozenset(
 )
 
 FILE_ACTIVE = frozenset({"claiming", "queued", "writing"})
-SHARD_IN_FLIGHT = frozenset({"planned", "uploaded", "submitted", "collecting"})
+SHARD_IN_FLIGHT = frozenset({"planned", "uploaded", "unknown", "submitted", "collecting"})
 
 
 def can_move(table: Mapping[str, frozenset[str]], old: str, new: str) -> bool:

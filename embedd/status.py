@@ -156,7 +156,9 @@ def render(data: dict[str, Any], *, bars: bool = False) -> str:
         "files:    " + _fmt(c["files"], ("claiming", "queued", "writing", "done", "failed")),
         "requests: " + _fmt(c["requests"], ("pending", "planned", "done", "failed")),
         "batches:  "
-        + _fmt(c["shards"], ("planned", "uploaded", "submitted", "collecting", "collected")),
+        + _fmt(
+            c["shards"], ("planned", "uploaded", "unknown", "submitted", "collecting", "collected")
+        ),
     ]
     breaker = data.get("breaker")
     if isinstance(breaker, dict):

@@ -29,20 +29,20 @@ from embedd.crashpoints import fault_point
 from embedd.errors import FatalError
 from embedd.states import (
     FILE_TRANSITIONS,
-    REQUEST_TRANSITIONS,
     SHARD_TRANSITIONS,
-    check_sql,
     sources,
 )
 
 MIGRATIONS: tuple[str, ...] = (
-    # 1: the first schema.
-    f"""
+    # 1: the first schema. Every migration is literal SQL, frozen once released: the
+    # CHECK lists are written out, not generated from embedd.states, so a change to the
+    # state tables needs a new migration (a test compares the live schema with them).
+    """
     CREATE TABLE files (
         job TEXT PRIMARY KEY,
         name TEXT NOT NULL,
         lane TEXT NOT NULL CHECK (lane IN ('batch', 'sync')),
-        state TEXT NOT NULL {check_sql("state", FILE_TRANSITIONS)},
+        state TEXT NOT NULL CHECK (state IN ('claiming', 'done', 'failed', 'queued', 'writing')),
         sha256 TEXT,
         size INTEGER,
         records INTEGER,
@@ -80,7 +80,7 @@ MIGRATIONS: tuple[str, ...] = (
         qtokens INTEGER NOT NULL,
         nbytes INTEGER NOT NULL,
         lane TEXT NOT NULL CHECK (lane IN ('batch', 'sync')),
-        state TEXT NOT NULL {check_sql("state", REQUEST_TRANSITIONS)},
+        state TEXT NOT NULL CHECK (state IN ('done', 'failed', 'pending', 'planned')),
         shard TEXT,
         attempts INTEGER NOT NULL DEFAULT 0,
         error TEXT,
@@ -97,7 +97,7 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE TABLE shards (
         id TEXT PRIMARY KEY,
-        state TEXT NOT NULL {check_sql("state", SHARD_TRANSITIONS)},
+        state TEXT NOT NULL CHECK (state IN ('abandoned', 'collected', 'collecting', 'planned', 'submitted', 'uploaded')),
         path TEXT NOT NULL,
         lines INTEGER NOT NULL,
         bytes INTEGER NOT NULL,
@@ -138,6 +138,68 @@ MIGRATIONS: tuple[str, ...] = (
         error TEXT,
         started_at REAL NOT NULL,
         PRIMARY KEY (stage, unit)
+    );
+    """,
+    # Shards whose create had an unknown outcome (SQLite cannot alter a CHECK, so the
+    # table is rebuilt); each shard's own membership (the ledger of a resumed
+    # collection counts from it); remote deletes retried until done; and batches found
+    # for a shard that already has one (cancelled, billed, deleted).
+    """
+    CREATE TABLE shards_new (
+        id TEXT PRIMARY KEY,
+        state TEXT NOT NULL CHECK (state IN ('abandoned', 'collected', 'collecting', 'planned', 'submitted', 'unknown', 'uploaded')),
+        path TEXT NOT NULL,
+        lines INTEGER NOT NULL,
+        bytes INTEGER NOT NULL,
+        tokens INTEGER NOT NULL,
+        qtokens INTEGER NOT NULL,
+        file_id TEXT,
+        batch_id TEXT UNIQUE,
+        status TEXT,
+        request_counts TEXT,
+        created_at REAL NOT NULL,
+        submitted_at REAL,
+        expires_at REAL,
+        polled_at REAL,
+        ended_at REAL,
+        final TEXT,
+        error TEXT,
+        unknown_since REAL,
+        lookup_at REAL,
+        lookups INTEGER NOT NULL DEFAULT 0
+    );
+    INSERT INTO shards_new (id, state, path, lines, bytes, tokens, qtokens, file_id, batch_id,
+        status, request_counts, created_at, submitted_at, expires_at, polled_at, ended_at,
+        final, error)
+        SELECT id, state, path, lines, bytes, tokens, qtokens, file_id, batch_id, status,
+        request_counts, created_at, submitted_at, expires_at, polled_at, ended_at, final, error
+        FROM shards;
+    DROP TABLE shards;
+    ALTER TABLE shards_new RENAME TO shards;
+    CREATE INDEX shards_state ON shards(state);
+    CREATE TABLE shard_members (
+        shard TEXT NOT NULL,
+        key TEXT NOT NULL,
+        tokens INTEGER NOT NULL,
+        PRIMARY KEY (shard, key)
+    );
+    INSERT INTO shard_members (shard, key, tokens)
+        SELECT shard, key, tokens FROM requests WHERE shard IS NOT NULL AND state = 'planned';
+    CREATE TABLE remote_deletes (
+        file_id TEXT PRIMARY KEY,
+        shard TEXT,
+        kind TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_at REAL NOT NULL,
+        error TEXT,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE stray_batches (
+        batch_id TEXT PRIMARY KEY,
+        shard TEXT NOT NULL,
+        status TEXT,
+        found_at REAL NOT NULL,
+        settled_at REAL
     );
     """,
 )
@@ -471,6 +533,13 @@ class Store:
                 "UPDATE requests SET state = 'planned', shard = ? WHERE key = ? AND state = 'pending'",
                 [(shard, k) for k in keys],
             )
+            # The shard's own membership: what its batch file holds, whatever becomes
+            # of the requests later (a resumed collection still counts every line).
+            await tx.execute(
+                "INSERT OR IGNORE INTO shard_members (shard, key, tokens) "
+                "SELECT shard, key, tokens FROM requests WHERE shard = ? AND state = 'planned'",
+                (shard,),
+            )
 
     async def shards_in(self, *states: str) -> list[aiosqlite.Row]:
         marks = ",".join("?" * len(states))
@@ -504,6 +573,91 @@ class Store:
         )
         return {str(r[0]): int(r[1]) for r in rows}
 
+    async def shard_members(self, shard: str) -> dict[str, int]:
+        """Every request `shard`'s batch file holds, with its token estimate."""
+        rows = await self._all("SELECT key, tokens FROM shard_members WHERE shard = ?", (shard,))
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    async def shard(self, shard: str) -> aiosqlite.Row | None:
+        return await self._one("SELECT * FROM shards WHERE id = ?", (shard,))
+
+    async def refuse_shard(self, shard: str, error: str, max_retries: int, now: float) -> None:
+        """The API refused a shard's batch for good: count a try against each of its
+        requests and abandon the shard, in one transaction."""
+        async with self.transaction() as tx:
+            await tx.execute(
+                "UPDATE requests SET attempts = attempts + 1, error = ?, shard = NULL, "
+                "state = CASE WHEN attempts + 1 > ? THEN 'failed' ELSE 'pending' END "
+                "WHERE shard = ? AND state = 'planned'",
+                (f"batch submission refused: {error}", max_retries, shard),
+            )
+            await tx.execute(
+                "UPDATE shards SET state = 'abandoned', error = ?, ended_at = ? WHERE id = ? "
+                "AND state IN ('planned', 'uploaded', 'unknown')",
+                (error, now, shard),
+            )
+
+    async def plan_remote_deletes(
+        self, files: Sequence[tuple[str, str | None, str]], now: float
+    ) -> None:
+        """Record files to delete at OpenAI: (file id, shard, kind)."""
+        async with self.transaction() as tx:
+            await tx.executemany(
+                "INSERT OR IGNORE INTO remote_deletes (file_id, shard, kind, next_at, created_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(f, shard, kind, now, now) for f, shard, kind in files],
+            )
+
+    async def due_remote_deletes(self, now: float) -> list[aiosqlite.Row]:
+        """Deletes due now whose shard is final (or that belong to no shard)."""
+        return await self._all(
+            "SELECT d.* FROM remote_deletes d LEFT JOIN shards s ON s.id = d.shard "
+            "WHERE d.next_at <= ? AND (s.id IS NULL OR s.state IN ('collected', 'abandoned')) "
+            "ORDER BY d.next_at",
+            (now,),
+        )
+
+    async def remote_delete_done(self, file_id: str) -> None:
+        async with self.transaction() as tx:
+            await tx.execute("DELETE FROM remote_deletes WHERE file_id = ?", (file_id,))
+
+    async def remote_delete_failed(self, file_id: str, error: str, next_at: float) -> None:
+        async with self.transaction() as tx:
+            await tx.execute(
+                "UPDATE remote_deletes SET attempts = attempts + 1, error = ?, next_at = ? "
+                "WHERE file_id = ?",
+                (error, next_at, file_id),
+            )
+
+    async def add_stray(self, batch_id: str, shard: str, status: str | None, now: float) -> bool:
+        """Record a second batch found for `shard`; False if it was known already."""
+        async with self.transaction() as tx:
+            cur = await tx.execute(
+                "INSERT OR IGNORE INTO stray_batches (batch_id, shard, status, found_at) "
+                "VALUES (?, ?, ?, ?)",
+                (batch_id, shard, status, now),
+            )
+            return cur.rowcount == 1
+
+    async def open_strays(self) -> list[aiosqlite.Row]:
+        return await self._all(
+            "SELECT * FROM stray_batches WHERE settled_at IS NULL ORDER BY found_at"
+        )
+
+    async def settle_stray(
+        self, batch_id: str, ledger: tuple[str, str, str, str] | None, now: float
+    ) -> None:
+        """A stray batch ended: its ledger line (if it billed anything) and the mark."""
+        async with self.transaction() as tx:
+            await tx.execute(
+                "UPDATE stray_batches SET settled_at = ? WHERE batch_id = ?", (now, batch_id)
+            )
+            if ledger is not None:
+                await tx.execute(
+                    "INSERT OR IGNORE INTO ledger (id, ts, kind, line) VALUES (?, ?, ?, ?)",
+                    ledger,
+                )
+
     async def shard_path(self, shard: str) -> str | None:
         row = await self._one("SELECT path FROM shards WHERE id = ?", (shard,))
         return None if row is None else str(row[0])
@@ -520,7 +674,7 @@ class Store:
     async def queue_tokens_in_flight(self) -> int:
         row = await self._one(
             "SELECT COALESCE(SUM(qtokens), 0) FROM shards "
-            "WHERE state IN ('uploaded', 'submitted', 'collecting')"
+            "WHERE state IN ('uploaded', 'unknown', 'submitted', 'collecting')"
         )
         return int(row[0]) if row else 0
 
@@ -587,7 +741,8 @@ class Store:
                 (shard,),
             )
             await tx.execute(
-                "UPDATE shards SET state = 'abandoned' WHERE id = ? AND state IN ('planned', 'uploaded')",
+                "UPDATE shards SET state = 'abandoned' WHERE id = ? "
+                "AND state IN ('planned', 'uploaded', 'unknown')",
                 (shard,),
             )
 

@@ -7,10 +7,16 @@ after, so a restart can tell "not done" from "done but not recorded":
     uploaded  the file id is recorded (upload named `SHARD.jsonl`)
     submitted the batch id is recorded (batch `metadata` names the shard)
 
-On start, `reconcile` lists every batch and every batch-purpose file at OpenAI
-*before anything is submitted*: a shard whose batch exists is recorded as submitted,
-one whose upload exists is recorded as uploaded, and uploads of ours that no shard
-needs are deleted. So a crash between any two steps never creates a second batch.
+    unknown   the create's answer was lost and the lookup failed: no new POST until
+              a lookup (every page, no cut-off, with backoff) finds the batch or,
+              `[batch] list_lag` after the create, proves it absent
+
+On start and whenever a shard is unknown, `reconcile` lists every batch and every
+batch-purpose file at OpenAI *before anything is submitted*: a shard whose batch
+exists is recorded as submitted, one whose upload exists is recorded as uploaded, a
+second batch for a shard is cancelled and billed (a stray), and files of ours that
+nothing needs are deleted. So a crash between any two steps never creates a second
+batch, and one that exists anyway is found, stopped and paid for in the ledger.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from embedd.api import CreateOutcomeUnknown
 from embedd.batchlines import encode_request_line
 from embedd.budgeting import submission_allowed
 from embedd.crashpoints import crash_point
@@ -33,6 +40,7 @@ from embedd.errors import (
 from embedd.planner import ShardLimits, cut_shard, should_submit
 from embedd.runtime import Runtime
 from embedd.spool import fsync_dir
+from embedd.states import BATCH_TERMINAL
 from embedd.store import Pending, new_id
 
 METADATA_KEY = "embedd_shard"
@@ -54,42 +62,127 @@ def shards_dir(rt: Runtime) -> Path:
 
 
 async def reconcile(rt: Runtime) -> None:
-    """Match unfinished shards with what exists at OpenAI before submitting anything."""
-    open_shards = {r["id"]: r for r in await rt.store.shards_in("planned", "uploaded")}
-    live = {r["id"] for r in await rt.store.shards_in("planned", "uploaded", "submitted")}
-    batches: dict[str, dict[str, Any]] = {}
+    """Match our shards with every batch and file at OpenAI (every page, no cut-off).
+
+    Runs at start before anything is submitted, and whenever a shard is `unknown`.
+    A shard not yet submitted whose batch exists is recorded as submitted (the oldest
+    such batch is its own); any other batch naming one of our shards is a stray: it
+    is cancelled if it still runs, and billed in the ledger when it ends. An `unknown`
+    shard with no batch is proven absent only by a listing that started `[batch]
+    list_lag` after its create: it goes back to `uploaded` and is created again.
+    """
+    started = rt.clock()
+    found: dict[str, list[dict[str, Any]]] = {}
     async for batch in rt.client.list_batches():
         shard = (batch.get("metadata") or {}).get(METADATA_KEY)
-        if isinstance(shard, str) and shard in open_shards and shard not in batches:
-            batches[shard] = batch
+        if isinstance(shard, str):
+            found.setdefault(shard, []).append(batch)
+    rows: dict[str, Any] = {}
+    for shard, batches in found.items():
+        row = await rt.store.shard(shard)
+        if row is None:
+            continue  # not one of ours (another daemon's, or long pruned)
+        rows[shard] = row
+        batches.sort(key=lambda b: (b.get("created_at") or 0, str(b.get("id"))))
+        extras = batches
+        if row["state"] in ("planned", "uploaded", "unknown"):
+            ours, extras = batches[0], batches[1:]
+            crash_point("during_recovery")  # found at OpenAI, not yet recorded here
+            if row["state"] == "planned":
+                await rt.store.move_shard(shard, "uploaded", file_id=ours["input_file_id"])
+            await _record_submitted(rt, shard, ours)
+            rt.log.info("shard.reconciled", shard=shard, batch=ours["id"], found="batch")
+        elif row["batch_id"]:
+            extras = [b for b in batches if b.get("id") != row["batch_id"]]
+        for batch in extras:
+            await _stray(rt, shard, batch)
+    for row in await rt.store.shards_in("unknown"):
+        if row["id"] in found:
+            continue
+        if started >= (row["unknown_since"] or 0) + rt.settings.batch_list_lag:
+            if await rt.store.move_shard(row["id"], "uploaded", error=None):
+                rt.log.warning("shard.create_absent", shard=row["id"], file_id=row["file_id"])
+        else:
+            await rt.store.update_shard(
+                row["id"], lookup_at=(row["unknown_since"] or 0) + rt.settings.batch_list_lag
+            )
+    await _reconcile_files(rt, found, rows)
+
+
+async def _reconcile_files(
+    rt: Runtime, found: dict[str, list[dict[str, Any]]], rows: dict[str, Any]
+) -> None:
+    """Uploads a planned shard can use; leftovers of ours to delete (recorded, retried)."""
+    files: dict[str, dict[str, Any]] = {}
+    for purpose in ("batch", "batch_output"):
+        async for f in rt.client.list_files(purpose):
+            files[str(f.get("id"))] = f
     uploads: dict[str, list[dict[str, Any]]] = {}
-    async for f in rt.client.list_files("batch"):
+    for f in files.values():
         shard = shard_of_upload(str(f.get("filename", "")))
         if shard is not None:
             uploads.setdefault(shard, []).append(f)
-    for shard, row in open_shards.items():
-        if shard in batches:
-            batch = batches[shard]
-            crash_point("during_recovery")  # found at OpenAI, not yet recorded here
-            if row["state"] == "planned":
-                await rt.store.move_shard(shard, "uploaded", file_id=batch["input_file_id"])
-            await _record_submitted(rt, shard, batch)
-            rt.log.info("shard.reconciled", shard=shard, batch=batch["id"], found="batch")
-        elif row["state"] == "planned" and uploads.get(shard):
-            file_id = uploads[shard][0]["id"]
-            await rt.store.move_shard(shard, "uploaded", file_id=file_id)
-            rt.log.info("shard.reconciled", shard=shard, file_id=file_id, found="upload")
+    for row in await rt.store.shards_in("planned"):
+        if uploads.get(row["id"]):
+            file_id = uploads[row["id"]][0]["id"]
+            await rt.store.move_shard(row["id"], "uploaded", file_id=file_id)
+            rt.log.info("shard.reconciled", shard=row["id"], file_id=file_id, found="upload")
+    live = {r["id"] for r in await rt.store.shards_in("planned", "uploaded", "unknown")}
+    used = {
+        r["file_id"]
+        for r in await rt.store.shards_in("uploaded", "unknown", "submitted", "collecting")
+    }
+    leftovers: list[tuple[str, str | None, str]] = []
     # Uploads no shard will use: a crash after upload, or a superseded duplicate.
-    used = {r["file_id"] for r in await rt.store.shards_in("uploaded", "submitted", "collecting")}
-    for shard, files in uploads.items():
-        for f in files:
-            if f["id"] in used or (shard in live and f["id"] == files[0]["id"]):
+    for shard, ups in uploads.items():
+        for f in ups:
+            if f["id"] in used or (shard in live and f["id"] == ups[0]["id"]):
                 continue
-            try:
-                await rt.client.delete_file(f["id"])
-                rt.log.info("upload.orphan_deleted", shard=shard, file_id=f["id"])
-            except EmbeddError as exc:
-                rt.log.warning("upload.orphan_delete_failed", file_id=f["id"], error=exc.message)
+            leftovers.append((str(f["id"]), None, "input"))
+    # Files of ended batches of ours whose shard is final: collection is over.
+    for shard, batches in found.items():
+        rec = rows.get(shard)
+        if rec is None or rec["state"] not in ("collected", "abandoned"):
+            continue
+        for batch in batches:
+            if batch.get("status") not in BATCH_TERMINAL:
+                continue
+            for kind in ("input", "output", "error"):
+                file_id = batch.get(f"{kind}_file_id")
+                if file_id and file_id in files and file_id not in used:
+                    leftovers.append((str(file_id), None, kind))
+    if leftovers:
+        await rt.store.plan_remote_deletes(leftovers, rt.clock())
+        rt.log.info("files.leftovers_found", files=len(leftovers))
+
+
+async def _stray(rt: Runtime, shard: str, batch: dict[str, Any]) -> None:
+    """A second batch for a shard that has one: cancel it if it runs; bill it later."""
+    batch_id = str(batch.get("id"))
+    if not await rt.store.add_stray(batch_id, shard, batch.get("status"), rt.clock()):
+        return
+    rt.log.warning("batch.duplicate", shard=shard, batch=batch_id, status=batch.get("status"))
+    if batch.get("status") not in BATCH_TERMINAL and batch.get("status") != "cancelling":
+        try:
+            await rt.client.cancel_batch(batch_id)
+        except EmbeddError as exc:  # retried when the stray is next looked at
+            rt.log.warning("batch.duplicate_cancel_failed", batch=batch_id, error=exc.message)
+
+
+async def settle_unknown(rt: Runtime) -> None:
+    """Look up `unknown` shards whose lookup is due; back off when the lookup fails."""
+    now = rt.clock()
+    unknown = await rt.store.shards_in("unknown")
+    if not any((r["lookup_at"] or 0) <= now for r in unknown):
+        return
+    try:
+        await reconcile(rt)
+    except (TransientError, APIPermanentError) as exc:  # a listing that failed settles nothing
+        for row in unknown:
+            lookups = int(row["lookups"]) + 1
+            delay = rt.client.policy.delay(lookups, getattr(exc, "retry_after", None))
+            await rt.store.update_shard(row["id"], lookups=lookups, lookup_at=now + delay)
+        rt.log.warning("shard.lookup_failed", shards=len(unknown), error=exc.message)
 
 
 async def submit_loop(rt: Runtime) -> None:
@@ -131,6 +224,7 @@ def may_submit(rt: Runtime) -> bool:
 
 async def submit_once(rt: Runtime) -> None:
     """Finish shards already planned, then cut and submit new ones while they are due."""
+    await settle_unknown(rt)
     if not may_submit(rt):
         return
     for row in await rt.store.shards_in("planned", "uploaded"):
@@ -237,23 +331,28 @@ async def advance(rt: Runtime, shard: str) -> None:
             rt.log.info("shard.uploaded", shard=shard, file_id=file_id)
         batch = await rt.client.create_batch(file_id, {METADATA_KEY: shard})
         crash_point("after_batch_create")
+    except CreateOutcomeUnknown as exc:
+        # The batch may exist: no new POST until a lookup settles it.
+        now = rt.clock()
+        await rt.store.move_shard(
+            shard,
+            "unknown",
+            unknown_since=now,
+            lookup_at=now + rt.settings.batch_list_lag,
+            lookups=0,
+            error=exc.message,
+        )
+        rt.log.warning("shard.create_unknown", shard=shard, file_id=file_id, error=exc.message)
+        return
     except APIPermanentError as exc:
         # The API refuses this file for good (it should not: we validate every line).
-        # Count it against the requests' retries so a poison request ends in failed/.
-        keys = await rt.store.shard_keys(shard)
-        await rt.store.apply_results(
-            shard=None,
-            vectors=[],
-            origin="",
-            retry=[(k, f"batch submission refused: {exc.message}") for k in keys],
-            fail=[],
-            requeue=[],
-            max_retries=rt.settings.retry_max_retries,
-            ledger=None,
-            now=rt.clock(),
-        )
-        await rt.store.move_shard(shard, "abandoned", error=exc.message)
+        # Count it against the requests' retries so a poison request ends in failed/;
+        # one transaction, so a crash never leaves the shard half refused.
+        await rt.store.refuse_shard(shard, exc.message, rt.settings.retry_max_retries, rt.clock())
         rt.log.error("shard.refused", shard=shard, error=exc.message)
+        if file_id:  # its upload is of no use any more
+            await rt.store.plan_remote_deletes([(str(file_id), shard, "input")], rt.clock())
+        path.unlink(missing_ok=True)
         return
     await _record_submitted(rt, shard, batch)
     await unpause(rt)

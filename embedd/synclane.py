@@ -6,15 +6,20 @@ the client spaces them to the RPM/TPM budget. Each answered call stores its vect
 and its ledger row (kind `sync`) in one transaction. A call the API refuses as a
 whole is split in halves until the refused input is alone, and only that one fails.
 
-Known limit (SPEC §6): a call whose answer is lost in a `kill -9` may be billed
-without a ledger line; the batch lane has no such window.
+On SIGTERM a call in flight is not cancelled: it finishes (and its ledger line is
+written) within most of `[daemon] stop_timeout`. Known limit (SPEC §6): a call whose
+answer is lost in a `kill -9` may be billed without a ledger line; the batch lane has
+no such window.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
+from collections.abc import Coroutine
+from typing import Any
 
 from embedd.accounting import flush_ledger, ledger_time
 from embedd.batchlines import BadVector, decode_embedding
@@ -64,7 +69,7 @@ async def _run(
         await rt.guard.run(
             "sync",
             f"call:{_unit_of(group)}",
-            functools.partial(call, rt, group),
+            lambda: _finish_on_stop(rt, call(rt, group)),
             functools.partial(_give_up, rt, group),
         )
     except SubmissionPaused as exc:
@@ -89,6 +94,24 @@ async def _give_up(rt: Runtime, group: list[Pending], reason: str) -> None:
     """A sync call that failed for good (SPEC §8): its requests fail with `reason`."""
     for p in group:
         await _settle(rt, p, reason)
+
+
+async def _finish_on_stop(rt: Runtime, work: Coroutine[Any, Any, None]) -> None:
+    """Run `work`; when the daemon stops meanwhile, let it finish (the API may have
+    billed the call already, and its answer and ledger line are stored) within most
+    of `[daemon] stop_timeout`, then give up on it."""
+    task = asyncio.ensure_future(work)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if not task.done():
+            rt.log.info("sync.finishing_before_stop")
+            budget = 0.8 * rt.settings.daemon_stop_timeout
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(task), budget)
+            if not task.done():
+                task.cancel()
+        raise
 
 
 async def call(rt: Runtime, group: list[Pending]) -> None:

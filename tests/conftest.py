@@ -57,6 +57,7 @@ class EmulatorProcess:
 
     proc: subprocess.Popen[str]
     url: str
+    key: str = TEST_KEY  # the control endpoints need the key like every other
 
     def _admin(self, path: str, body: dict[str, Any] | None = None) -> Any:
         base = self.url.removesuffix("/v1")
@@ -64,7 +65,12 @@ class EmulatorProcess:
         req = urllib.request.Request(  # noqa: S310 - loopback URL we started
             base + path,
             data=data,
-            headers={"Content-Type": "application/json"},
+            # Both ways of sending the key: the emulator reads the one it was told to.
+            headers={
+                "Content-Type": "application/json",
+                "Authorization": f"Bearer {self.key}",
+                "api-key": self.key,
+            },
             method="GET" if body is None else "POST",
         )
         with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310
@@ -108,7 +114,8 @@ def start_emulator(tmp_path: Path) -> Iterator[Callable[..., EmulatorProcess]]:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         assert "listening on" in line, f"emulator did not start: {line!r}"
-        return EmulatorProcess(proc, line.strip().split()[-1])
+        key = args[args.index("--api-key") + 1] if "--api-key" in args else TEST_KEY
+        return EmulatorProcess(proc, line.strip().split()[-1], key)
 
     yield start
     for proc in started:
@@ -211,7 +218,7 @@ def write_config(path: Path, spool: Path, base_url: str, **sections: dict[str, A
     merged: dict[str, dict[str, Any]] = {
         "spool": {"root": str(spool), "scan_interval": "1s"},
         "openai": {"base_url": base_url},
-        "batch": {"flush_after": "0.2s", "poll_interval": "0.1s"},
+        "batch": {"flush_after": "0.2s", "poll_interval": "0.1s", "list_lag": "0.5s"},
         "retry": {"base": "50ms", "cap": "1s"},
         "breaker": {"cooldown": "1s"},
         "daemon": {"log_level": "info"},

@@ -78,7 +78,8 @@ class Rig:
 
     async def batches_created(self) -> int:
         session = self.rt.client._session  # the client's own session, to the emulator
-        async with session.get(self.emulator.url.removesuffix("/v1") + "/_emulator/state") as r:
+        url = self.emulator.url.removesuffix("/v1") + "/_emulator/state"
+        async with session.get(url, headers=self.rt.client._headers) as r:  # keyed too
             state = await r.json()
         return int(state["batches_created"])
 

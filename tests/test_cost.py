@@ -23,6 +23,7 @@ from embedd.cost import (
     format_ts,
     format_usd,
     from_json,
+    make_dedup_entry,
     make_entry,
     money,
     parse_line,
@@ -325,3 +326,48 @@ def test_every_entry_round_trips(
     line = to_json_line(entry)
     assert line.count(b"\n") == 1
     assert parse_line(line) == entry
+
+
+def test_dedup_line_names_its_job_and_costs_nothing() -> None:
+    """A dedup entry is `kind: "dedup"` with `job`, never a `batch_id`; it parses
+    back equal, is keyed by its job, and is no entry in the totals' count."""
+    entry = make_dedup_entry(
+        "job_1",
+        lane="batch",
+        model=LARGE,
+        dimensions=3072,
+        dedup_tokens=1_000_000,
+        emulated=False,
+        prices=DEFAULT_PRICES,
+        now=NOW,
+    )
+    line = json.loads(to_json_line(entry))
+    assert (line["kind"], line["job"], line["tokens"], line["cost_usd"]) == ("dedup", "job_1", 0, 0)
+    assert "batch_id" not in line
+    assert "estimated" not in line
+    assert Decimal(str(line["dedup_saved_usd"])) == Decimal("0.065")
+    assert parse_line(to_json_line(entry)) == entry
+    assert entry.key == ("dedup", "job_1")
+    totals = Totals.of([entry])
+    assert (totals.entries, totals.dedup_tokens, totals.cost_usd) == (0, 1_000_000, 0)
+
+
+def test_estimated_flag_is_written_only_when_true() -> None:
+    """A line from the local count says `"estimated": true`; others carry no flag."""
+    args = {
+        "batch_id": "batch_1",
+        "model": LARGE,
+        "dimensions": 3072,
+        "requests": 2,
+        "tokens": 10,
+        "estimated_tokens": 10,
+        "dedup_tokens": 0,
+        "emulated": True,
+        "prices": DEFAULT_PRICES,
+        "now": NOW,
+    }
+    exact = make_entry("batch", **args)  # type: ignore[arg-type]
+    guessed = make_entry("batch", estimated=True, **args)  # type: ignore[arg-type]
+    assert "estimated" not in json.loads(to_json_line(exact))
+    assert json.loads(to_json_line(guessed))["estimated"] is True
+    assert parse_line(to_json_line(guessed)).estimated is True  # type: ignore[union-attr]

@@ -245,6 +245,10 @@ def check_invariants(
     assert len(ids) == len(set(ids)), "a ledger line was written twice"
     assert state["tokens_billed"] == expected + extra_billed, (state["tokens_billed"], expected)
     assert sum(x["tokens"] for x in usage) == state["tokens_billed"]
+    if not extra_billed:
+        # Every line billed is counted once, also when a collection was resumed.
+        assert sum(x["requests"] for x in usage) == len(unique), usage
+        assert sum(x["estimated_tokens"] for x in usage) == expected, usage
 
     # 5. No orphan upload: every shard upload left belongs to a batch still running.
     batches = emulator_list(emulator, "/batches", key)
@@ -256,6 +260,16 @@ def check_invariants(
     ]
     orphans = [f["filename"] for f in uploads if f["id"] not in live_inputs]
     assert orphans == [], orphans
+    outputs = emulator_list(emulator, "/files?purpose=batch_output", key)
+    assert outputs == [], [f["filename"] for f in outputs]
+    # Nothing left behind in state/: shard files and downloads go with their shard.
+    left = [
+        f"{d}/{p.name}"
+        for d in ("shards", "downloads")
+        if (spool / "state" / d).is_dir()
+        for p in (spool / "state" / d).iterdir()
+    ]
+    assert left == [], left
 
     # 6. The state database agrees with the files.
     db = sqlite3.connect(f"file:{spool / 'state' / 'embedd.sqlite3'}?mode=ro", uri=True)
@@ -288,7 +302,20 @@ def finish_after_crash(daemon: DaemonProcess, work: Mapping[str, list[str]]) -> 
     daemon.start()
     wait_ready(daemon)
     wait_settled(daemon, work)
+    # A file can be delivered at start from vectors stored before the kill, while its
+    # batch's collection (and ledger line) is finished after READY: wait for that too.
+    wait_for(lambda: shards_final(daemon.spool), 30, what="every shard collected")
     assert daemon.stop() == 0
+
+
+def shards_final(spool: Path) -> bool:
+    """Whether the state database has no shard still in flight."""
+    db = spool / "state" / "embedd.sqlite3"
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)) as conn:
+        rows = conn.execute(
+            "SELECT COUNT(*) FROM shards WHERE state NOT IN ('collected', 'abandoned')"
+        ).fetchone()
+    return int(rows[0]) == 0
 
 
 # ---- the crash points --------------------------------------------------------------

@@ -70,11 +70,16 @@ def test_the_same_file_twice_costs_nothing_the_second_time(
     )
 
     lines = [e for e in read_entries(daemon.spool / "ledger.jsonl") if isinstance(e, LedgerEntry)]
-    dedup = {e.batch_id: e for e in lines if e.batch_id.startswith("dedup:")}
-    by_job = {f"dedup:{first['job']}": tokens[2], f"dedup:{second['job']}": sum(tokens)}
+    dedup = {e.batch_id: e for e in lines if e.kind == "dedup"}
+    by_job = {first["job"]: tokens[2], second["job"]: sum(tokens)}
     assert {k: e.dedup_tokens for k, e in dedup.items()} == by_job
     assert all(e.tokens == 0 and e.cost_usd == 0 and e.requests == 0 for e in dedup.values())
-    billed = [e for e in lines if not e.batch_id.startswith("dedup:")]
+    # On disk a dedup line names its job, never a batch that does not exist (SPEC §6).
+    raw = [json.loads(x) for x in (daemon.spool / "ledger.jsonl").read_text().splitlines()]
+    assert sorted(r["job"] for r in raw if r["kind"] == "dedup") == sorted(by_job)
+    assert all("batch_id" not in r for r in raw if r["kind"] == "dedup")
+    assert all(not r["batch_id"].startswith("dedup:") for r in raw if r["kind"] == "batch")
+    billed = [e for e in lines if e.kind == "batch"]
     assert sum(e.tokens for e in billed) == after["tokens_billed"]
 
     assert main(["report", "--config", str(daemon.config), "--format", "json"]) == 0

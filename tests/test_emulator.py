@@ -409,3 +409,74 @@ async def test_unknown_route_is_404_in_openai_shape(tmp_path: Path) -> None:
 def test_key_is_fake() -> None:
     """The test key is a fake one, never a real secret."""
     assert KEY.startswith("sk-test")
+
+
+async def test_control_endpoints_need_the_key(tmp_path: Path) -> None:
+    """`/_emulator/*` answers 401 like every other endpoint without a valid key."""
+    async with running(tmp_path, key="sk-the-one", api_key="sk-the-one") as (_, api):
+        for key in (None, "sk-another"):
+            state = await api.call("GET", "/_emulator/state", key=key)
+            assert state.status == 401
+            assert_error_shape(state.body)
+            faults = await api.call("POST", "/_emulator/faults", json_body={}, key=key)
+            assert faults.status == 401
+        assert (await api.call("GET", "/_emulator/state")).status == 200
+
+
+async def test_list_lag_hides_new_batches_from_the_list_only(tmp_path: Path) -> None:
+    """With `list_lag_s`, a new batch is missing from GET /v1/batches until it is that
+    old, while GET /v1/batches/{id} finds it at once."""
+    clock = FakeClock()
+    async with running(tmp_path, clock=clock, validating_s=100) as (_, api):
+        await _set_faults(api, {"list_lag_s": 5})
+        up = await api.upload(jsonl([embedding_line("a", "x")]))
+        batch = (await api.create_batch(up.body["id"], {"shard": "s"})).body
+        assert (await api.call("GET", "/batches")).body["data"] == []
+        assert (await api.call("GET", f"/batches/{batch['id']}")).status == 200
+        clock.advance(5)
+        listed = (await api.call("GET", "/batches")).body["data"]
+        assert [b["id"] for b in listed] == [batch["id"]]
+
+
+async def test_invalid_lines_fail_the_batch_while_validating(tmp_path: Path) -> None:
+    """The `invalid` outcome fails the batch in `validating` and names the refused
+    lines (1-based) in errors.data[].line; nothing is billed."""
+    lines = [embedding_line(f"r{i}", f"t {i}") for i in range(20)]
+    script = {"batches": [{"outcome": "invalid", "invalid_line_rate": 0.2}]}
+    clock = FakeClock()
+    async with running(tmp_path, faults=script, clock=clock, validating_s=10) as (_, api):
+        up = await api.upload(jsonl(lines))
+        batch = (await api.create_batch(up.body["id"])).body
+        assert batch["status"] == "validating"
+        clock.advance(10)
+        failed = (await api.call("GET", f"/batches/{batch['id']}")).body
+        assert failed["status"] == "failed"
+        data = failed["errors"]["data"]
+        numbers = [e["line"] for e in data]
+        assert numbers
+        assert all(1 <= n <= 20 for n in numbers)
+        assert len(set(numbers)) == len(numbers) < 20
+        assert {e["code"] for e in data} == {"invalid_value"}
+        assert failed["output_file_id"] is None
+        assert failed["error_file_id"] is None
+        assert failed["usage"]["input_tokens"] == 0
+        assert (await api.call("GET", "/_emulator/state")).body["tokens_billed"] == 0
+
+
+async def test_files_gone_answer_404(tmp_path: Path) -> None:
+    """`files_gone`: a completed batch names output and error files that answer 404;
+    its lines are billed all the same."""
+    lines = [embedding_line(f"r{i}", f"t {i}") for i in range(10)]
+    script = {"batches": [{"outcome": "complete", "failed_line_rate": 0.3, "files_gone": True}]}
+    async with running(tmp_path, faults=script) as (_, api):
+        up = await api.upload(jsonl(lines))
+        done = await api.wait_batch(
+            (await api.create_batch(up.body["id"])).body["id"], {"completed"}
+        )
+        for kind in ("output_file_id", "error_file_id"):
+            assert done[kind]
+            gone = await api.call("GET", f"/files/{done[kind]}/content")
+            assert gone.status == 404
+            assert_error_shape(gone.body)
+        state = (await api.call("GET", "/_emulator/state")).body
+        assert state["tokens_billed"] == done["usage"]["input_tokens"] > 0

@@ -341,6 +341,8 @@ def test_enospc_on_the_outbox_holds_delivery_then_finishes_by_itself(
     assert_delivered(daemon.spool, "big.jsonl", 2)
     blocked = events(daemon, "stage.blocked")
     assert [(e["stage"], e["reason"]) for e in blocked] == [("deliver", "disk full")]
+    # The hold ends once the delivery has succeeded: its log line follows the .npy.
+    wait_for(lambda: events(daemon, "stage.unblocked"), 30, what="stage.unblocked")
     assert [e["stage"] for e in events(daemon, "stage.unblocked")] == ["deliver"]
     assert not events(daemon, "unit.failed")
     assert blocked_fact(daemon.spool) is None
@@ -415,6 +417,7 @@ def test_a_full_state_database_holds_intake_then_finishes_by_itself(
     assert [(e["stage"], e["reason"]) for e in events(daemon, "stage.blocked")] == [
         ("intake", "disk full")
     ]
+    wait_for(lambda: events(daemon, "stage.unblocked"), 30, what="stage.unblocked")
     assert [e["stage"] for e in events(daemon, "stage.unblocked")] == ["intake"]
     assert not events(daemon, "unit.failed")
     assert daemon.stop() == 0

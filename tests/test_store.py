@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from embedd.errors import FatalError
+from embedd.states import FILE_TRANSITIONS, REQUEST_TRANSITIONS, SHARD_TRANSITIONS, check_sql
 from embedd.store import MIGRATIONS, SCHEMA_VERSION, NewRecord, NewRequest, Store
 
 NOW = 1_700_000_000.0
@@ -122,6 +123,53 @@ async def apply(s: Store, **changes: Any) -> None:
 
 
 # ---- schema and migrations ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("table", "states"),
+    [("files", FILE_TRANSITIONS), ("requests", REQUEST_TRANSITIONS), ("shards", SHARD_TRANSITIONS)],
+)
+async def test_live_state_checks_match_the_state_tables(
+    tmp_path: Path, table: str, states: Any
+) -> None:
+    """The migrations are frozen SQL: when embedd.states gains a state, this fails
+    until a new migration admits it (rebuilding the table: a CHECK cannot be altered)."""
+    s = await Store.open(tmp_path / "s.sqlite3")
+    await s.close()
+    sql = peek(s.path, "SELECT sql FROM sqlite_master WHERE name = ?", (table,))[0][0]
+    assert check_sql("state", states) in sql
+
+
+async def test_migration_keeps_shards_and_records_their_membership(tmp_path: Path) -> None:
+    """From schema 1, shards keep their rows (now admitting `unknown`), and a shard's
+    membership is taken from its requests still planned."""
+    path = tmp_path / "v1.sqlite3"
+    build_to(path, 1)
+    db = sqlite3.connect(path)
+    db.execute(
+        "INSERT INTO shards (id, state, path, lines, bytes, tokens, qtokens, batch_id, created_at)"
+        " VALUES ('s1', 'submitted', 'p', 2, 1, 7, 7, 'batch_1', 1.0)"
+    )
+    db.executemany(
+        "INSERT INTO requests (key, input, tokens, qtokens, nbytes, lane, state, shard, queued_at)"
+        " VALUES (?, ?, ?, 1, 1, 'batch', ?, ?, 1.0)",
+        [
+            ("a", "x", 3, "planned", "s1"),
+            ("b", "y", 4, "planned", "s1"),
+            ("c", "z", 5, "pending", None),
+        ],
+    )
+    db.commit()
+    db.close()
+    s = await Store.open(path)
+    try:
+        row = await s.shard("s1")
+        assert row is not None
+        assert (row["state"], row["batch_id"], row["lookups"]) == ("submitted", "batch_1", 0)
+        assert await s.shard_members("s1") == {"a": 3, "b": 4}
+        await s.update_shard("s1", state="unknown")  # admitted by the new CHECK
+    finally:
+        await s.close()
 
 
 @pytest.mark.parametrize("start", range(SCHEMA_VERSION + 1))
@@ -437,3 +485,40 @@ async def test_cancel_at_any_step_leaves_no_open_transaction(store: Store, steps
     await asyncio.wait_for(store.set_fact("b", 2), timeout=5)
     assert await store.facts() == {"b": 2}
     assert peek(store.path, "SELECT key FROM daemon") == [("b",)]
+
+
+async def test_membership_outlives_the_requests_states(store: Store) -> None:
+    """A shard's membership stays what its file holds once its requests are done:
+    a resumed collection counts every line of it."""
+    await add_file(store, "j1", ["aa", "bbb"])
+    await plan(store, "s1", ["k:aa", "k:bbb"])
+    await store.add_vectors([("k:aa", b"\0" * 4, 2)], origin="b", now=NOW)
+    assert await store.shard_tokens("s1") == {"k:bbb": 3}
+    assert await store.shard_members("s1") == {"k:aa": 2, "k:bbb": 3}
+
+
+async def test_refusing_a_shard_is_one_transaction(store: Store) -> None:
+    """A refused shard's requests are re-queued with a try counted and the shard is
+    abandoned, together (before: two transactions, a kill between them left the
+    shard uploaded with its requests pending)."""
+    await add_file(store, "j1", ["aa", "bbb"])
+    await plan(store, "s1", ["k:aa", "k:bbb"])
+    await store.move_shard("s1", "uploaded", file_id="file-1")
+    await store.refuse_shard("s1", "bad file", max_retries=0, now=NOW)
+    assert request_row(store, "k:aa") == ("failed", 1, None, "batch submission refused: bad file")
+    assert peek(store.path, "SELECT state, error FROM shards") == [("abandoned", "bad file")]
+
+
+async def test_remote_deletes_wait_for_their_shard_to_be_final(store: Store) -> None:
+    """A delete recorded during collection is due only once its shard is collected;
+    a failed one comes back after its backoff; a done one is gone."""
+    await add_file(store, "j1", ["aa"])
+    await plan(store, "s1", ["k:aa"])
+    await store.plan_remote_deletes([("file-in", "s1", "input"), ("file-x", None, "output")], NOW)
+    assert [r["file_id"] for r in await store.due_remote_deletes(NOW)] == ["file-x"]
+    await store.release_shard("s1")  # abandoned: final
+    assert {r["file_id"] for r in await store.due_remote_deletes(NOW)} == {"file-in", "file-x"}
+    await store.remote_delete_failed("file-x", "HTTP 502", NOW + 10)
+    await store.remote_delete_done("file-in")
+    assert await store.due_remote_deletes(NOW + 5) == []
+    assert [r["attempts"] for r in await store.due_remote_deletes(NOW + 10)] == [1]

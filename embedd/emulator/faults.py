@@ -30,12 +30,22 @@ the emulator's ``seed`` and the rule's position; with neither it fires always. K
 - ``drop``: the connection is closed without an answer
 - ``truncate``: the answer declares its full Content-Length but stops half way
 - ``lost_response``: the request is carried out, then the connection is closed
+- ``slow``: the request is carried out, and the answer sent ``seconds`` later
 
 ``batches`` rules are tried in order when a batch is created; the first that
 matches (all of ``match_metadata`` present in the batch's metadata, ``count`` not
 used up) sets the batch's fate: ``outcome`` ``complete`` | ``expire`` | ``cancel``
 (the last two after ``completed_fraction`` of the lines), with ``failed_line_rate``
-of the answered lines failing with ``failed_line_status`` (400 or 500).
+of the answered lines failing with ``failed_line_status`` (400 or 500);
+``invalid``: the batch fails while ``validating``, ``errors.data[].line`` naming the
+lines refused (1-based; ``invalid_line_rate`` of them, at least one), as OpenAI
+reports bad input, nothing billed. ``files_gone: true``: the batch ends as its outcome
+says, but its output and error files answer 404. ``usage_missing: true``: the batch
+object has ``usage: null`` (its lines still report theirs).
+
+Top-level ``list_lag_s``: a new batch appears in ``GET /v1/batches`` only this many
+seconds after its creation (``GET /v1/batches/{id}`` finds it at once), as the real
+list lags behind creates.
 """
 
 from __future__ import annotations
@@ -46,9 +56,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 REQUEST_KINDS = frozenset(
-    {"rate_limit", "insufficient_quota", "server_error", "drop", "truncate", "lost_response"}
+    {
+        "rate_limit",
+        "insufficient_quota",
+        "server_error",
+        "drop",
+        "truncate",
+        "lost_response",
+        "slow",
+    }
 )
-BATCH_OUTCOMES = frozenset({"complete", "expire", "cancel"})
+BATCH_OUTCOMES = frozenset({"complete", "expire", "cancel", "invalid"})
 
 
 class FaultScriptError(ValueError):
@@ -66,6 +84,7 @@ class RequestRule:
     skip: int = 0
     status: int = 500
     retry_after: float = 1.0
+    seconds: float = 0.0
     rng: random.Random = field(default_factory=random.Random, repr=False)
 
     def fires(self, endpoint: str) -> bool:
@@ -95,6 +114,9 @@ class BatchRule:
     failed_line_status: int = 500
     count: int | None = None
     match_metadata: dict[str, str] = field(default_factory=dict)
+    invalid_line_rate: float = 0.0
+    files_gone: bool = False
+    usage_missing: bool = False
 
     def fires(self, metadata: Mapping[str, str] | None) -> bool:
         """Decide (and count) whether this rule applies to a new batch."""
@@ -131,13 +153,14 @@ class FaultPlan:
         script = script or {}
         if not isinstance(script, Mapping):
             raise FaultScriptError("the fault script must be a JSON object")
-        unknown = set(script) - {"requests", "batches"}
+        unknown = set(script) - {"requests", "batches", "list_lag_s"}
         if unknown:
             raise FaultScriptError(f"unknown fault script key {sorted(unknown)[0]!r}")
         self.requests = [
             self._request_rule(i, r, seed) for i, r in enumerate(_list(script, "requests"))
         ]
         self.batches = [self._batch_rule(r) for r in _list(script, "batches")]
+        self.list_lag_s = _number(script, "list_lag_s", 0.0, 0, 86400)
 
     @staticmethod
     def _request_rule(position: int, rule: Any, seed: int) -> RequestRule:
@@ -159,6 +182,7 @@ class FaultPlan:
             skip=_optional_int(rule, "skip") or 0,
             status=status,
             retry_after=_number(rule, "retry_after", 1.0, 0, 86400),
+            seconds=_number(rule, "seconds", 0.0, 0, 3600),
             rng=random.Random(f"{seed}:{position}"),
         )
 
@@ -175,7 +199,14 @@ class FaultPlan:
         ):
             raise FaultScriptError("match_metadata must map strings to strings")
         status = int(_number(rule, "failed_line_status", 500, 400, 599))
+        gone = rule.get("files_gone", False)
+        no_usage = rule.get("usage_missing", False)
+        if not isinstance(gone, bool) or not isinstance(no_usage, bool):
+            raise FaultScriptError("files_gone and usage_missing must be true or false")
         return BatchRule(
+            usage_missing=no_usage,
+            invalid_line_rate=_number(rule, "invalid_line_rate", 0.0, 0, 1),
+            files_gone=gone,
             outcome=outcome,
             completed_fraction=_number(rule, "completed_fraction", 0.5, 0, 1),
             failed_line_rate=_number(rule, "failed_line_rate", 0.0, 0, 1),

@@ -9,6 +9,7 @@ creation) and whether a cancel was asked for. The walk, as a table::
     expire             validating -> in_progress -> expired   (part of the lines done)
     cancel             validating -> in_progress -> cancelling -> cancelled (part done)
     token_limit        validating -> failed        (errors.data: token_limit_exceeded)
+    invalid            validating -> failed        (errors.data[].line: the lines refused)
 
 A cancel request moves a batch still validating or in progress to ``cancelling``
 and, one finalizing period later, ``cancelled``. :func:`render_batch` turns a record
@@ -47,6 +48,10 @@ class BatchRecord:
     failed_line_rate: float = 0.0
     failed_line_status: int = 500
     token_limit: int | None = None
+    invalid_lines: list[int] | None = None  # 1-based lines refused while validating
+    files_gone: bool = False  # the output and error files answer 404
+    usage_missing: bool = False  # the batch object carries no `usage`
+    input_sha256: str | None = None  # of the input file's content, for the soak's books
     cancel_requested: float | None = None
     seed: int = 0
     output: dict[str, Any] | None = field(default=None)
@@ -78,7 +83,7 @@ def phase_at(rec: BatchRecord, now: float) -> Phase:
     cancel_at = rec.cancel_requested
     if rec.outcome == "cancel" and cancel_at is None:
         cancel_at = t_valid_end + rec.in_progress_s * rec.completed_fraction
-    if rec.outcome == "token_limit":
+    if rec.outcome in ("token_limit", "invalid"):
         if now < t_valid_end:
             return Phase("validating", times, 0.0)
         return Phase("failed", {"failed": t_valid_end}, 0.0)
@@ -151,7 +156,20 @@ def render_batch(rec: BatchRecord, now: float) -> dict[str, Any]:
         counts = {"total": rec.lines, "completed": done, "failed": 0}
         input_tokens = 0
     errors = None
-    if phase.status == "failed":
+    if phase.status == "failed" and rec.outcome == "invalid":
+        errors = {
+            "object": "list",
+            "data": [
+                {
+                    "code": "invalid_value",
+                    "message": "Invalid value for 'input': the input is not valid.",
+                    "param": "body.input",
+                    "line": line,
+                }
+                for line in rec.invalid_lines or []
+            ],
+        }
+    elif phase.status == "failed":
         errors = {
             "object": "list",
             "data": [
@@ -184,7 +202,9 @@ def render_batch(rec: BatchRecord, now: float) -> dict[str, Any]:
         "cancelling_at": _stamp(phase.times, "cancelling"),
         "cancelled_at": _stamp(phase.times, "cancelled"),
         "request_counts": counts,
-        "usage": {
+        "usage": None
+        if rec.usage_missing
+        else {
             "input_tokens": input_tokens,
             "input_tokens_details": {"cached_tokens": 0},
             "output_tokens": 0,

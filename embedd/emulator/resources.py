@@ -10,7 +10,10 @@ per-batch lock) and the batch object then names them.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import random
+from pathlib import Path
 from typing import Any
 
 from aiohttp import BodyPartReader, web
@@ -269,9 +272,11 @@ async def create_batch(request: web.Request) -> web.StreamResponse:
             f"The input file's requests are for {EMBEDDINGS_URL}, not {body['endpoint']}.",
             param="endpoint",
         )
+    digest = await asyncio.to_thread(_sha256, emu.store.content_path(meta["id"]))
     now = emu.clock()
     config = emu.config
     rec = BatchRecord(
+        input_sha256=digest,
         id=new_id("batch_"),
         input_file_id=meta["id"],
         endpoint=EMBEDDINGS_URL,
@@ -292,6 +297,10 @@ async def create_batch(request: web.Request) -> web.StreamResponse:
         rec.completed_fraction = rule.completed_fraction if rule.outcome != "complete" else 1.0
         rec.failed_line_rate = rule.failed_line_rate
         rec.failed_line_status = rule.failed_line_status
+        rec.files_gone = rule.files_gone
+        rec.usage_missing = rule.usage_missing
+        if rule.outcome == "invalid":
+            rec.invalid_lines = _invalid_lines(rec, rule.invalid_line_rate)
     limit = config.enqueued_token_limit
     if limit is not None and _in_flight_tokens(emu, now) + rec.tokens > limit:
         rec.outcome = "token_limit"
@@ -300,6 +309,21 @@ async def create_batch(request: web.Request) -> web.StreamResponse:
     emu.counters["batches_created"] += 1
     emu.by_metadata[_metadata_key(metadata)] += 1
     return json_response(await _batch_object(emu, rec))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _invalid_lines(rec: BatchRecord, rate: float) -> list[int]:
+    """The 1-based lines a batch failing validation names: a seeded draw, at least one."""
+    rng = random.Random(f"{rec.seed}:{rec.id}")
+    lines = [n for n in range(1, rec.lines + 1) if rng.random() < rate]
+    return lines or [rng.randint(1, max(1, rec.lines))]
 
 
 def _metadata_key(metadata: dict[str, str] | None) -> str:
@@ -338,7 +362,9 @@ async def _ensure_output(emu: Emulator, rec: BatchRecord, now: float) -> None:
             (out_id, summary.output_lines, "output"),
             (err_id, summary.error_lines, "error"),
         ):
-            if lines:
+            if lines and rec.files_gone:  # named by the batch, but 404 when fetched
+                emu.store.content_path(file_id).unlink(missing_ok=True)
+            elif lines:
                 emu.store.add_file(
                     file_id,
                     filename=f"{rec.id}_{suffix}.jsonl",
@@ -380,7 +406,9 @@ async def list_batches(request: web.Request) -> web.StreamResponse:
     """``GET /v1/batches``: newest first, cursor paging with ``after`` and ``limit``."""
     emu = emulator_of(request)
     limit = _int_param(request, "limit", 20, 100)
-    records = emu.store.list_batches()
+    lag = emu.faults.list_lag_s
+    now = emu.clock()
+    records = [rec for rec in emu.store.list_batches() if now - rec.created >= lag]
     ids = [{"id": rec.id} for rec in records]
     page_ids, more = page_after(ids, request.query.get("after"), limit)
     wanted = {item["id"] for item in page_ids}

@@ -7,8 +7,10 @@ fault script may answer instead of the handler (429, 5xx with HTML, dropped
 connection) or spoil the answer afterwards (truncated body, lost response). Handlers
 raise :class:`~embedd.emulator.errors.ApiError`, which becomes OpenAI's error body.
 
-Test-only admin endpoints (no auth): ``POST /_emulator/faults`` replaces the fault
-script; ``GET /_emulator/state`` returns the counters.
+Test-only admin endpoints (they need the key like every other endpoint):
+``POST /_emulator/faults`` replaces the fault script; ``GET /_emulator/state``
+returns the counters, among them ``tokens_billed`` (every token billed, batches and
+sync calls).
 """
 
 from __future__ import annotations
@@ -79,6 +81,19 @@ class Emulator:
             "faults_fired": self.counters["faults_fired"],
             "batches": len(self.store.batches),
             "files": len(self.store.files),
+            # Per batch, oldest first: what its input was and whether it produced
+            # anything we could fetch (the soak's "no content submitted twice").
+            "batch_log": [
+                {
+                    "id": rec.id,
+                    "created": rec.created,
+                    "input_sha256": rec.input_sha256,
+                    "metadata": rec.metadata,
+                    "completed": int((rec.output or {}).get("completed") or 0),
+                    "files_gone": rec.files_gone,
+                }
+                for rec in sorted(self.store.batches.values(), key=lambda r: (r.created, r.id))
+            ],
         }
 
     def close(self) -> None:
@@ -189,9 +204,16 @@ def _fault_response(emu: Emulator, kind: str, status: int, retry_after: float) -
 @web.middleware
 async def openai_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Auth, route errors, faults and error bodies for every ``/v1`` request."""
-    if request.path.startswith("/_emulator/"):
-        return await handler(request)
     emu = emulator_of(request)
+    if request.path.startswith("/_emulator/"):
+        # Test-only, but keyed like every other endpoint: a fault script is no less
+        # powerful than an API call.
+        try:
+            if not _authorised(request, emu.config.api_key, emu.config.auth_header):
+                raise unauthorized(has_key=True)
+        except ApiError as exc:
+            return json_response(exc.body(), status=exc.status)
+        return await handler(request)
     emu.counters["requests"] += 1
     resource = request.match_info.route.resource
     if resource is None or not request.path.startswith("/v1/"):
@@ -210,7 +232,7 @@ async def openai_middleware(request: web.Request, handler: Handler) -> web.Strea
         emu.counters["faults_fired"] += 1
         if rule.kind == "drop":
             return _drop(request)
-        if rule.kind not in ("truncate", "lost_response"):
+        if rule.kind not in ("truncate", "lost_response", "slow"):
             return _fault_response(emu, rule.kind, rule.status, rule.retry_after)
         request[TRUNCATE] = rule.kind == "truncate"
     try:
@@ -221,6 +243,8 @@ async def openai_middleware(request: web.Request, handler: Handler) -> web.Strea
         response = json_response(error_body(exc.reason or "Invalid request"), status=exc.status)
     if rule is not None and rule.kind == "lost_response":
         return _drop(request)
+    if rule is not None and rule.kind == "slow":
+        await asyncio.sleep(rule.seconds)  # done and billed; the answer comes late
     if request.get(TRUNCATE) and isinstance(response, web.Response):
         return await _truncated(request, response)
     if not response.prepared:
