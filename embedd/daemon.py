@@ -49,6 +49,7 @@ from embedd.safety import check_ownership, check_spool_safety
 from embedd.spool import SpoolPaths, check_same_filesystem, scan, sweep_stale_temps
 from embedd.store import Store
 from embedd.submitter import pause, reconcile, submit_loop
+from embedd.supervise import Action, verdict
 from embedd.synclane import sync_loop
 from embedd.systemd import Notifier, watchdog_loop
 from embedd.tokens import Tokenizer
@@ -254,6 +255,16 @@ async def _recover(rt: Runtime) -> None:
     # collection and delivery, and deliveries are retried by their stage.
     await rt.guard.run("ledger", "flush", functools.partial(flush_ledger, rt), record=False)
     await deliver_ready(rt)
+    await _reconcile_at_start(rt)
+
+
+async def _reconcile_at_start(rt: Runtime) -> None:
+    """Reconcile before READY: transient failures are retried for as long as it takes;
+    anything else (an odd answer, a bug) up to `[retry] max_retries` times, then every
+    shard that may have a batch becomes `unknown` — no POST until a later lookup settles
+    it — and the daemon goes on to READY instead of failing the same way each restart."""
+    s = rt.settings
+    attempts = 0
     while not rt.stopping.is_set():
         try:
             await reconcile(rt)
@@ -265,6 +276,29 @@ async def _recover(rt: Runtime) -> None:
         except TransientError as exc:
             log.warning("reconcile.retry", error=exc.message)
             await rt.wake.wait("never", rt.client.policy.delay(1, exc.retry_after))
+        except Exception as exc:  # judged like any unit's error (SPEC §8)
+            attempts += 1
+            v = verdict(
+                "reconcile", exc, attempts, s.retry_max_retries, base=s.retry_base, cap=s.retry_cap
+            )
+            if v.action is Action.FATAL:
+                raise
+            if v.action is Action.FAIL:
+                log.error("reconcile.deferred", error=v.reason, exc_info=exc)
+                await _hold_uploaded_as_unknown(rt)
+                return
+            log.warning("reconcile.retry", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+            await rt.wake.wait("never", v.delay)
+
+
+async def _hold_uploaded_as_unknown(rt: Runtime) -> None:
+    """Shards uploaded but not known to be submitted may have a batch already: hold them."""
+    now = rt.clock()
+    for row in await rt.store.shards_in("uploaded"):
+        await rt.store.move_shard(
+            row["id"], "unknown", unknown_since=now, lookup_at=now, lookups=0,
+            error="reconciliation at start failed",
+        )  # fmt: skip
 
 
 def _start_stages(
@@ -352,6 +386,8 @@ async def status_line(rt: Runtime) -> str:
         f"{waiting} file(s) in progress, {flying} batch(es) in flight, "
         f"{files.get('done', 0)} done, {files.get('failed', 0)} failed"
     )
+    if shards.get("unknown"):
+        text += f", {shards['unknown']} batch create(s) being looked up"
     if rt.paused_reason:
         text += f"; PAUSED: {rt.paused_reason}"
     return text

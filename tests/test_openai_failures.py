@@ -454,3 +454,26 @@ def test_refused_create_requeues_in_one_step_and_deletes_its_upload(
     deleted = {e["file_id"] for e in events(daemon, "file.deleted")}
     assert shards[0][1] in deleted
     check_invariants(daemon.spool, emulator, work)
+
+
+def test_reconciliation_refused_for_good_at_start_still_reaches_ready(
+    start_emulator: Callable[..., EmulatorProcess],
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    """GET /v1/batches answering 400 at every start (an odd proxy, an API change): the
+    start-up reconciliation is retried `max_retries` times, then deferred — shards
+    that may have a batch are held `unknown` — and the daemon reaches READY and works.
+    Before: the APIPermanentError left start-up, exit 1, and again after each restart."""
+    emulator = start_emulator()
+    emulator.set_faults(
+        {"requests": [{"endpoint": "GET /v1/batches", "kind": "server_error", "status": 400}]}
+    )
+    daemon = new_daemon(tmp_path, request, emulator.url, **FAST)
+    wait_ready(daemon)
+    deferred = events(daemon, "reconcile.deferred")
+    assert len(deferred) == 1, daemon.log_text()[-2000:]
+    work = workload("refused", files=1, per_file=5)
+    drop_all(daemon.spool, work)
+    wait_settled(daemon, work)
+    assert daemon.stop() == 0
