@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
-from embedd.batchlines import encode_request_line
+from embedd.batchlines import request_line_size
 from embedd.crashpoints import crash_point
 from embedd.documents import Record, parse_document
 from embedd.errors import InputRejected
@@ -209,13 +209,12 @@ def _prepare(rt: Runtime, name: str, data: bytes) -> tuple[list[PreparedRecord],
                     if isinstance(chunk.input, str)
                     else 4 * chunk.tokens
                 )
-                line = encode_request_line(key, chunk.input, s.openai_model, s.send_dimensions)
                 requests[key] = NewRequest(
                     key=key,
                     input=chunk.input,
                     tokens=chunk.tokens,
                     qtokens=queue_tokens_estimate(chunk.tokens, text_bytes),
-                    nbytes=len(line),
+                    nbytes=request_line_size(key, chunk.input, s.openai_model, s.send_dimensions),
                 )
         prepared.append((record, len(tokens), keyed))
     if problems:
