@@ -32,6 +32,7 @@ from embedd.errors import EmbeddError, SubmissionPaused, TransientError
 from embedd.planner import learn_queue_limit
 from embedd.runtime import Runtime
 from embedd.states import BATCH_TERMINAL
+from embedd.vectors import VectorLike
 
 SLICE = 1000
 # Error-file codes for lines the batch never ran because it expired or was
@@ -123,14 +124,14 @@ async def collect(rt: Runtime, shard: str, batch: dict[str, Any]) -> None:
                 results = await asyncio.to_thread(_parse_slice, fh, s.openai_dimensions)
                 if not results:
                     break
-                good: list[tuple[str, bytes, int | None]] = []
+                good: list[tuple[str, VectorLike, int | None]] = []
                 for r in results:
                     if r.custom_id not in sent or r.custom_id in seen:
                         rt.log.warning("batch.unexpected_line", shard=shard, custom_id=r.custom_id)
                         continue
                     seen.add(r.custom_id)
                     if r.vector is not None:
-                        good.append((r.custom_id, r.vector.astype("<f4").tobytes(), r.tokens))
+                        good.append((r.custom_id, r.vector, r.tokens))
                         line_tokens += r.tokens or 0
                     elif r.error_code in UNFINISHED_CODES:
                         requeue.append(r.custom_id)  # never ran: not a failure, not a try
@@ -192,7 +193,7 @@ async def collect(rt: Runtime, shard: str, batch: dict[str, Any]) -> None:
     )
     await flush_ledger(rt)
     await _clean_up(rt, shard, batch, files)
-    rt.wake.kick("deliver", "plan")
+    rt.wake.kick("deliver", "plan", "retain")
 
 
 async def _failed_batch(

@@ -24,14 +24,25 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
+import numpy as np
+import numpy.typing as npt
 
 from embedd.errors import FatalError
 from embedd.states import (
+    FILE_ACTIVE,
     FILE_TRANSITIONS,
     REQUEST_TRANSITIONS,
     SHARD_TRANSITIONS,
     check_sql,
     sources,
+)
+from embedd.vectors import (
+    SegmentInfo,
+    SegmentReader,
+    SegmentWriter,
+    VectorLike,
+    remove_segments,
+    segment_files,
 )
 
 MIGRATIONS: tuple[str, ...] = (
@@ -127,9 +138,39 @@ MIGRATIONS: tuple[str, ...] = (
         value TEXT
     );
     """,
+    # vectors move out of the database into segment files under state/vectors/
+    # (SPEC §9): `vectors` keeps where each key's row is, `segments` what each file
+    # holds and when it was last used. The old blobs are dropped: the dedup cache
+    # starts empty, and the vectors of files not yet delivered are embedded again.
+    """
+    DROP TABLE vectors;
+    CREATE TABLE vectors (
+        key TEXT PRIMARY KEY,
+        segment INTEGER NOT NULL,
+        row INTEGER NOT NULL,
+        tokens INTEGER,
+        origin TEXT,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX vectors_segment ON vectors(segment);
+    CREATE TABLE segments (
+        id INTEGER PRIMARY KEY,
+        dims INTEGER NOT NULL,
+        capacity INTEGER NOT NULL,
+        rows INTEGER NOT NULL,
+        bytes INTEGER NOT NULL,
+        created_at REAL NOT NULL,
+        used_at REAL NOT NULL
+    );
+    UPDATE requests SET state = 'pending', shard = NULL WHERE state = 'done' AND key IN (
+        SELECT p.key FROM pieces p JOIN files f ON f.job = p.job
+        WHERE f.state IN ('queued', 'writing'));
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
+FILE_FINISHED = frozenset({"done", "failed"})
+_ACTIVE_SQL = "(" + ", ".join(f"'{s}'" for s in sorted(FILE_ACTIVE)) + ")"
 
 
 def new_id(prefix: str) -> str:
@@ -174,6 +215,11 @@ class Store:
         self._db = db
         self.path = path
         self._lock = asyncio.Lock()
+        self.vectors_dir = path.parent / "vectors"
+        self.segments = SegmentWriter(self.vectors_dir)
+        # Held from a segment write until the index rows naming it commit, and while
+        # segments are dropped: a segment is never dropped under a write in flight.
+        self._vector_lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: Path) -> Store:
@@ -186,7 +232,10 @@ class Store:
             await db.execute("PRAGMA synchronous=FULL")
             await db.execute("PRAGMA foreign_keys=ON")
             await db.execute("PRAGMA busy_timeout=10000")
+            # Deleted texts are overwritten, not left in free pages (SPEC §9).
+            await db.execute("PRAGMA secure_delete=ON")
             await store._migrate()
+            await store._resume_segments()
         except BaseException:
             # aiosqlite's worker thread is not a daemon: a connection left open here
             # would keep the process alive after the error is reported.
@@ -195,7 +244,16 @@ class Store:
         return store
 
     async def close(self) -> None:
+        self.segments.close()
         await self._db.close()
+
+    async def _resume_segments(self) -> None:
+        row = await self._one(
+            "SELECT id, dims, capacity, rows, bytes FROM segments ORDER BY id DESC LIMIT 1"
+        )
+        last = None if row is None else SegmentInfo(*(int(v) for v in row))
+        on_disk = await asyncio.to_thread(segment_files, self.vectors_dir)
+        await asyncio.to_thread(self.segments.resume, last, max(on_disk, default=0))
 
     async def _migrate(self) -> None:
         async with self._db.execute("PRAGMA user_version") as cur:
@@ -338,6 +396,12 @@ class Store:
                     "UPDATE requests SET lane = 'sync' WHERE key = ? AND state = 'pending'",
                     [(q.key,) for q in requests],
                 )
+            # A text met again is a use of its cached vector: its segment is kept longer.
+            await tx.execute(
+                "UPDATE segments SET used_at = MAX(used_at, ?) WHERE id IN ("
+                " SELECT v.segment FROM pieces p JOIN vectors v ON v.key = p.key WHERE p.job = ?)",
+                (now, job),
+            )
             await tx.execute(
                 "UPDATE files SET state = 'queued', sha256 = ?, size = ?, records = ?, "
                 "tokens = ?, queued_at = ? WHERE job = ? AND state = 'claiming'",
@@ -369,7 +433,98 @@ class Store:
                 f"UPDATE files SET state = ?{sets} WHERE job = ? AND state IN ({marks})",
                 (new, *fields.values(), job, *olds),
             )
-            return cur.rowcount == 1
+            moved = cur.rowcount == 1
+            if moved and new in FILE_FINISHED:
+                await _forget_texts(tx, job)
+        if moved and new in FILE_FINISHED:
+            await self.checkpoint()
+        return moved
+
+    async def checkpoint(self) -> None:
+        """Copy the WAL into the database and truncate it to nothing, so texts deleted
+        with `secure_delete` leave no old copy in `-wal` either. Best effort: a reader
+        in the middle of a read keeps the WAL until a later checkpoint."""
+        async with self._lock:
+            await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    async def forget_orphan_texts(self) -> int:
+        """Delete the texts of requests no unfinished file needs any more (those that
+        were still in a batch when their file finished); return how many."""
+        async with self.transaction() as tx:
+            cur = await tx.execute(
+                "DELETE FROM requests WHERE state != 'planned' AND NOT EXISTS ("
+                " SELECT 1 FROM pieces p JOIN files f ON f.job = p.job"
+                f" WHERE p.key = requests.key AND f.state IN {_ACTIVE_SQL})"
+            )
+            count = cur.rowcount
+        if count:
+            await self.checkpoint()
+        return count
+
+    async def prune_finished(self, before: float) -> int:
+        """Delete the rows of files that finished before `before` (records, pieces, the
+        file) and of shards that ended before it; the ledger stays. Returns files pruned."""
+        old = (
+            "SELECT job FROM files WHERE state IN ('done', 'failed') "
+            "AND COALESCE(completed_at, queued_at, claimed_at) < ?"
+        )
+        async with self.transaction() as tx:
+            await tx.execute(f"DELETE FROM pieces WHERE job IN ({old})", (before,))
+            await tx.execute(f"DELETE FROM records WHERE job IN ({old})", (before,))
+            cur = await tx.execute(f"DELETE FROM files WHERE job IN ({old})", (before,))
+            count = cur.rowcount
+            await tx.execute(
+                "DELETE FROM shards WHERE state IN ('collected', 'abandoned') "
+                "AND COALESCE(ended_at, submitted_at, created_at) < ?",
+                (before,),
+            )
+        return count
+
+    async def vector_bytes(self) -> int:
+        """Bytes of the segment files the index knows (each counted at full size)."""
+        row = await self._one("SELECT COALESCE(SUM(bytes), 0) FROM segments")
+        return int(row[0]) if row else 0
+
+    async def prune_vectors(self, *, max_bytes: int, keep: float, now: float) -> list[int]:
+        """Drop whole segments, least recently used first: every segment unused for
+        `keep` seconds, then more until the rest fit in `max_bytes`. The segment being
+        filled and any holding a vector an unfinished file still needs stay. Their
+        keys lose their vectors (a text that comes back is embedded again). Files on
+        disk that no index row names (a crash before the index committed) go too.
+        Returns the segments dropped."""
+        async with self._vector_lock:
+            segments = await self._all(
+                "SELECT id, bytes, used_at FROM segments ORDER BY used_at, id"
+            )
+            pinned = {
+                int(r[0])
+                for r in await self._all(
+                    "SELECT DISTINCT v.segment FROM files f JOIN pieces p ON p.job = f.job "
+                    f"JOIN vectors v ON v.key = p.key WHERE f.state IN {_ACTIVE_SQL}"
+                )
+            }
+            active = self.segments.active_id
+            total = sum(int(r["bytes"]) for r in segments)
+            drop: list[int] = []
+            for r in segments:
+                seg = int(r["id"])
+                if seg == active or seg in pinned:
+                    continue
+                if float(r["used_at"]) < now - keep or total > max_bytes:
+                    drop.append(seg)
+                    total -= int(r["bytes"])
+            if drop:
+                async with self.transaction() as tx:
+                    for start in range(0, len(drop), 500):
+                        part = drop[start : start + 500]
+                        marks = ",".join("?" * len(part))
+                        await tx.execute(f"DELETE FROM vectors WHERE segment IN ({marks})", part)
+                        await tx.execute(f"DELETE FROM segments WHERE id IN ({marks})", part)
+            known = {int(r["id"]) for r in segments} - set(drop)
+            on_disk = await asyncio.to_thread(segment_files, self.vectors_dir)
+            strays = [seg for seg in on_disk if seg not in known and seg != active]
+            await asyncio.to_thread(remove_segments, self.vectors_dir, [*drop, *strays])
+        return drop
 
     async def ready_files(self) -> list[aiosqlite.Row]:
         """Queued files whose every piece has a vector or a request that failed for good."""
@@ -485,13 +640,28 @@ class Store:
         return None if row is None else str(row[0])
 
     async def add_vectors(
-        self, vectors: Sequence[tuple[str, bytes, int | None]], *, origin: str, now: float
+        self, vectors: Sequence[tuple[str, VectorLike, int | None]], *, origin: str, now: float
     ) -> None:
-        """Store vectors and mark their requests done (idempotent: repeats change nothing)."""
+        """Store vectors and mark their requests done (idempotent: repeats change nothing).
+
+        `vectors`: (key, float32 row as bytes or array, tokens). The rows go to the
+        segment files first (durable), then their index rows commit.
+        """
         if not vectors:
             return
-        async with self.transaction() as tx:
-            await _insert_vectors(tx, vectors, origin, now)
+        async with self._vector_lock:
+            located = await self._write_segments(vectors)
+            async with self.transaction() as tx:
+                await _insert_vectors(tx, located, origin, now)
+
+    async def _write_segments(
+        self, vectors: Sequence[tuple[str, VectorLike, int | None]]
+    ) -> _Located:
+        if not vectors:
+            return [], []
+        slots, infos = await asyncio.to_thread(self.segments.write, [v for _, v, _ in vectors])
+        rows = [(k, seg, row, t) for (k, _, t), (seg, row) in zip(vectors, slots, strict=True)]
+        return rows, infos
 
     async def queue_tokens_in_flight(self) -> int:
         row = await self._one(
@@ -504,7 +674,7 @@ class Store:
         self,
         *,
         shard: str | None,
-        vectors: Sequence[tuple[str, bytes, int | None]],
+        vectors: Sequence[tuple[str, VectorLike, int | None]],
         origin: str,
         retry: Sequence[tuple[str, str]],
         fail: Sequence[tuple[str, str]],
@@ -519,8 +689,26 @@ class Store:
         `max_retries`; `fail`: (key, error) for good; `requeue`: keys sent back to
         pending at no cost to their retry count; `ledger`: (id, ts, kind, json line).
         """
+        async with self._vector_lock:
+            located = await self._write_segments(vectors)
+            await self._apply_results(
+                located, shard, origin, retry, fail, requeue, max_retries, ledger, now
+            )
+
+    async def _apply_results(
+        self,
+        located: _Located,
+        shard: str | None,
+        origin: str,
+        retry: Sequence[tuple[str, str]],
+        fail: Sequence[tuple[str, str]],
+        requeue: Sequence[str],
+        max_retries: int,
+        ledger: tuple[str, str, str, str] | None,
+        now: float,
+    ) -> None:
         async with self.transaction() as tx:
-            await _insert_vectors(tx, vectors, origin, now)
+            await _insert_vectors(tx, located, origin, now)
             await tx.executemany(
                 "UPDATE requests SET attempts = attempts + 1, error = ?, shard = NULL, "
                 "state = CASE WHEN attempts + 1 > ? THEN 'failed' ELSE 'pending' END "
@@ -603,39 +791,73 @@ class Store:
         return out
 
 
-async def _insert_vectors(
-    tx: _Tx, vectors: Sequence[tuple[str, bytes, int | None]], origin: str, now: float
-) -> None:
+# (key, segment, row, tokens) of rows already in their segments, and those segments.
+_Located = tuple[list[tuple[str, int, int, int | None]], list[SegmentInfo]]
+
+
+async def _insert_vectors(tx: _Tx, located: _Located, origin: str, now: float) -> None:
+    rows, segments = located
+    if not rows:
+        return
     await tx.executemany(
-        "INSERT OR IGNORE INTO vectors (key, vector, tokens, origin, created_at) "
-        "VALUES (?, ?, ?, ?, ?)",
-        [(k, v, t, origin, now) for k, v, t in vectors],
+        "INSERT INTO segments (id, dims, capacity, rows, bytes, created_at, used_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+        "rows = MAX(rows, excluded.rows), used_at = MAX(used_at, excluded.used_at)",
+        [(g.id, g.dims, g.capacity, g.rows, g.bytes, now, now) for g in segments],
+    )
+    # A key that already has a vector keeps it; the new row is dead space.
+    await tx.executemany(
+        "INSERT OR IGNORE INTO vectors (key, segment, row, tokens, origin, created_at) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        [(k, seg, row, t, origin, now) for k, seg, row, t in rows],
     )
     await tx.executemany(
         "UPDATE requests SET state = 'done', error = NULL WHERE key = ? "
         "AND state IN ('pending', 'planned')",
-        [(k,) for k, _, _ in vectors],
+        [(k,) for k, _, _, _ in rows],
     )
 
 
-def piece_vectors(db_path: Path, job: str, fetch: int = 256) -> Iterator[tuple[int, int, bytes]]:
-    """(record index, tokens, float32 bytes) of each piece of `job`, in record order.
+def piece_vectors(
+    db_path: Path, job: str, fetch: int = 256
+) -> Iterator[tuple[int, int, npt.NDArray[np.float32]]]:
+    """(record index, tokens, float32 row) of each piece of `job`, in record order.
 
     A plain blocking generator on its own read-only connection (WAL lets it read while
-    the daemon writes), for a worker thread that writes the `.npy` row by row: only
-    `fetch` vectors are in memory at a time, never the whole file's.
+    the daemon writes), for a worker thread that writes the `.npy` row by row: rows
+    are read from the segment files one at a time, never the whole file's. The
+    segments of a file not yet done are never dropped (see `prune_vectors`).
     """
     conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30.0)
+    reader = SegmentReader(db_path.parent / "vectors")
     try:
         cur = conn.execute(
-            "SELECT p.idx, p.tokens, v.vector FROM pieces p JOIN vectors v ON v.key = p.key "
+            "SELECT p.idx, p.tokens, v.segment, v.row, s.dims FROM pieces p "
+            "JOIN vectors v ON v.key = p.key JOIN segments s ON s.id = v.segment "
             "WHERE p.job = ? ORDER BY p.idx, p.chunk",
             (job,),
         )
         while rows := cur.fetchmany(fetch):
-            yield from rows
+            for idx, tokens, segment, row, dims in rows:
+                yield idx, tokens, reader.row(segment, row, dims)
     finally:
+        reader.close()
         conn.close()
+
+
+async def _forget_texts(tx: _Tx, job: str) -> None:
+    """A finished file's texts leave the database (SPEC §9): its requests that no
+    unfinished file shares are deleted (a request still in a batch keeps its row
+    until `forget_orphan_texts` finds it answered), and its records' `meta` too.
+    Dedup needs only the key and the vector index, never the text."""
+    await tx.execute(
+        "DELETE FROM requests WHERE key IN (SELECT key FROM pieces WHERE job = ?) "
+        "AND state != 'planned' AND NOT EXISTS ("
+        " SELECT 1 FROM pieces p JOIN files f ON f.job = p.job"
+        f" WHERE p.key = requests.key AND f.state IN {_ACTIVE_SQL})",
+        (job,),
+    )
+    await tx.execute("UPDATE records SET meta = NULL WHERE job = ? AND meta IS NOT NULL", (job,))
 
 
 class _Tx:

@@ -99,7 +99,7 @@ async def _embedd_side(args: dict[str, Any]) -> dict[str, Any]:
             good = []
             for r in results:
                 assert r.vector is not None, r.error_message
-                good.append((r.custom_id, r.vector.astype("<f4").tobytes(), r.tokens))
+                good.append((r.custom_id, r.vector, r.tokens))
             await store.add_vectors(good, origin="batch_bench", now=0.0)
     rows = RowStream(
         (len(keys), dims),
