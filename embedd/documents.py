@@ -33,8 +33,11 @@ for `.json`), and the message names the first one.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from embedd.errors import InputRejected
 
@@ -89,11 +92,31 @@ def _decode(name: str, data: bytes) -> str:
         ) from None
 
 
+# A JSON escape such as "\ud800" that is not half of a pair decodes to a lone
+# surrogate: not a character, and not encodable as UTF-8 (nor sendable to the API).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _check_text(text: str) -> None:
     if "\x00" in text:
         raise _Problem("text contains a NUL character")
     if not text.strip():
         raise _Problem("text is empty or whitespace only")
+    if not text.isascii() and (m := _SURROGATE.search(text)):
+        raise _Problem(f"text contains a lone surrogate escape (\\u{ord(m.group()):04x})")
+
+
+def _check_meta(meta: dict[str, Any]) -> None:
+    """The extra keys must be storable as standard UTF-8 JSON (and copied to the manifest)."""
+    try:
+        orjson.dumps(meta)
+    except orjson.JSONEncodeError as exc:
+        reason = str(exc)
+        if "surrogate" in reason:
+            raise _Problem("a key other than id and text holds a lone surrogate escape") from None
+        if "ecursion" in reason:
+            raise _Problem("the extra keys are nested too deep (more than 254 levels)") from None
+        raise _Problem(f"the extra keys cannot be stored as JSON: {reason}") from None
 
 
 def _record_from_object(obj: Any, default_id: str) -> tuple[str, str, dict[str, Any] | None]:
@@ -106,6 +129,8 @@ def _record_from_object(obj: Any, default_id: str) -> tuple[str, str, dict[str, 
     rec_id = str(raw_id)
     if rec_id == "":
         raise _Problem("id is empty")
+    if not rec_id.isascii() and _SURROGATE.search(rec_id):
+        raise _Problem("id contains a lone surrogate escape")
     if "text" not in obj:
         raise _Problem('the object has no "text" key')
     text = obj["text"]
@@ -113,6 +138,8 @@ def _record_from_object(obj: Any, default_id: str) -> tuple[str, str, dict[str, 
         raise _Problem(f"text must be a string, found {_json_type(text)}")
     _check_text(text)
     meta = {k: v for k, v in obj.items() if k not in ("id", "text")} or None
+    if meta is not None:
+        _check_meta(meta)
     return rec_id, text, meta
 
 
@@ -152,6 +179,8 @@ class _Collector:
         except _Problem as exc:
             rec_id_guess = obj.get("id") if isinstance(obj, dict) else None
             shown = rec_id_guess if isinstance(rec_id_guess, str) else None
+            if shown is not None and not shown.isascii() and _SURROGATE.search(shown):
+                shown = shown.encode("utf-8", "backslashreplace").decode("ascii")
             self.problem(where, shown, str(exc))
             return
         first = self.seen.get(rec_id)
@@ -189,7 +218,10 @@ def _parse_jsonl(name: str, text: str) -> list[Record]:
         except json.JSONDecodeError as exc:
             out.problem(number, None, f"malformed JSON: {exc.msg} at column {exc.colno}")
             continue
-        except (ValueError, RecursionError) as exc:
+        except RecursionError:
+            out.problem(number, None, "JSON nested too deep to read")
+            continue
+        except ValueError as exc:
             out.problem(number, None, f"malformed JSON: {exc}")
             continue
         out.add(number, obj, number)
@@ -203,7 +235,9 @@ def _parse_json(name: str, text: str) -> list[Record]:
         raise InputRejected(
             f"{name} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}."
         ) from None
-    except (ValueError, RecursionError) as exc:
+    except RecursionError:
+        raise InputRejected(f"{name} is JSON nested too deep to read.") from None
+    except ValueError as exc:
         raise InputRejected(f"{name} is not valid JSON: {exc}.") from None
     if not isinstance(doc, list):
         raise InputRejected(f"{name} must hold a JSON array of objects, found {_json_type(doc)}.")
