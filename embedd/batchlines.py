@@ -123,11 +123,15 @@ def encode_request_line(
 
 
 def request_line_size(
-    custom_id: str, input: str | list[int], model: str, dimensions: int | None
+    custom_id: str,
+    input: str | list[int] | npt.NDArray[np.uint32],
+    model: str,
+    dimensions: int | None,
 ) -> int:
     """The byte length of `encode_request_line(...)` without building the whole line:
     the fixed frame once per shape, plus the input's own JSON encoding."""
-    return _frame_size(len(custom_id), model, dimensions) + len(orjson.dumps(input))
+    encoded = orjson.dumps(input, option=orjson.OPT_SERIALIZE_NUMPY)
+    return _frame_size(len(custom_id), model, dimensions) + len(encoded)
 
 
 @functools.lru_cache(maxsize=64)

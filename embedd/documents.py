@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -206,11 +207,31 @@ class _Collector:
         return self.records
 
 
-def _parse_jsonl(name: str, text: str) -> list[Record]:
-    # split on "\n" only: str.splitlines() would also break on U+2028 and friends,
-    # which are legal inside JSON strings
+def _jsonl_lines(name: str, data: bytes) -> Iterator[str]:
+    """The lines of a JSON Lines file, each decoded on its own: the file is never one
+    big string (nor a list of all its lines) in memory. Split on b"\\n" only:
+    str.splitlines() would also break on U+2028 and friends, legal inside JSON strings."""
+    skip = len(BOM) if data.startswith(BOM) else 0
+    nul = data.find(b"\x00", skip)
+    if nul >= 0:
+        raise InputRejected(f"{name} contains a NUL byte at byte offset {nul}.")
+    start = skip
+    while start <= len(data):
+        end = data.find(b"\n", start)
+        if end < 0:
+            end = len(data)
+        try:
+            yield data[start:end].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputRejected(
+                f"{name} is not valid UTF-8: byte offset {start + exc.start} ({exc.reason})."
+            ) from None
+        start = end + 1
+
+
+def _parse_jsonl(name: str, data: bytes) -> list[Record]:
     out = _Collector(name, "line")
-    for number, line in enumerate(text.split("\n"), start=1):
+    for number, line in enumerate(_jsonl_lines(name, data), start=1):
         if not line.strip(" \t\r"):
             continue
         try:
@@ -260,10 +281,10 @@ def parse_document(name: str, data: bytes) -> list[Record]:
 
     `name` only chooses the format and appears in messages; it is not opened.
     """
-    text = _decode(name, data)
     lowered = name.lower()
     if lowered.endswith(".jsonl"):
-        return _parse_jsonl(name, text)
+        return _parse_jsonl(name, data)
+    text = _decode(name, data)
     if lowered.endswith(".json"):
         return _parse_json(name, text)
     return _parse_text(name, text)

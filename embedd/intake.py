@@ -19,9 +19,11 @@ import asyncio
 import hashlib
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
+
+import numpy as np
 
 from embedd.batchlines import request_line_size
 from embedd.crashpoints import crash_point
@@ -32,7 +34,7 @@ from embedd.planner import queue_tokens_estimate
 from embedd.runtime import Runtime
 from embedd.spool import Entry, fsync_dir, kind_of, read_input, scan
 from embedd.store import NewRecord, NewRequest, encode_input, new_id
-from embedd.tokens import Chunk, LongPolicy, plan_chunks
+from embedd.tokens import PIECE_CHARS, Chunk, LongPolicy, TokenIds, plan_chunks
 
 _REFUSED_KINDS = {
     "symlink": "it is a symbolic link; embedd never follows links, copy the file instead",
@@ -131,11 +133,13 @@ async def process_claimed(rt: Runtime, job: str, name: str, lane: str) -> None:
         if not stat.S_ISREG(mode):
             raise InputRejected(f"{name} was refused: {_REFUSED_KINDS[kind_of(mode)]}.")
         data = await asyncio.to_thread(read_input, work, rt.settings.inputs_max_file_bytes)
-        sha256 = hashlib.sha256(data).hexdigest()
+        size = len(data)
+        sha256 = await asyncio.to_thread(_sha256, data)
         prepared = await asyncio.to_thread(_prepare, rt, name, data)
     except InputRejected as exc:
         await refuse(rt, job, name, work, exc, sha256)
         return
+    del data  # the records hold what is needed; the raw bytes can go before the write
     records, requests = prepared
     # Claims run side by side, but "which texts are already known" and storing this
     # file's requests happen as one step, so a text shared by two files dropped together
@@ -146,7 +150,7 @@ async def process_claimed(rt: Runtime, job: str, name: str, lane: str) -> None:
         await rt.store.queue_file(
             job,
             sha256=sha256,
-            size=len(data),
+            size=size,
             records=new_records,
             requests=[q for q in requests if q.key not in known],
             lane=lane,
@@ -181,15 +185,49 @@ async def refuse(
 PreparedRecord = tuple[Record, int, list[tuple[str, Chunk]]]
 
 
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# Texts tokenized in one call: tiktoken's lists of Python ints (36 bytes a token) exist
+# for one such batch at a time; a long text's ids are kept as a uint32 array.
+TOKENIZE_BATCH_CHARS = 2 << 20
+
+
+def _batches(records: Sequence[Record]) -> Iterator[Sequence[Record]]:
+    start = chars = 0
+    for i, record in enumerate(records):
+        chars += len(record.text)
+        if chars >= TOKENIZE_BATCH_CHARS:
+            yield records[start : i + 1]
+            start, chars = i + 1, 0
+    if start < len(records):
+        yield records[start:]
+
+
+def _tokenized(rt: Runtime, records: Sequence[Record]) -> Iterator[tuple[Record, TokenIds]]:
+    """Each record with its token ids, in bounded memory (see TOKENIZE_BATCH_CHARS)."""
+    limit = rt.settings.inputs_max_tokens
+    for batch in _batches(records):
+        short = [r.text for r in batch if len(r.text) <= PIECE_CHARS]
+        ids_of_short = iter(rt.tokenizer.encode_batch(short))
+        del short
+        for record in batch:
+            if len(record.text) > PIECE_CHARS:
+                yield record, rt.tokenizer.encode_compact(record.text)
+                continue
+            ids = next(ids_of_short)
+            yield record, ids if len(ids) <= limit else np.asarray(ids, dtype=np.uint32)
+
+
 def _prepare(rt: Runtime, name: str, data: bytes) -> tuple[list[PreparedRecord], list[NewRequest]]:
     """Parse and tokenize (CPU work, run in a thread). Raises InputRejected."""
     s = rt.settings
     records = parse_document(name, data)
-    token_lists = rt.tokenizer.encode_batch([r.text for r in records])
     prepared: list[PreparedRecord] = []
     requests: dict[str, NewRequest] = {}
     problems: list[dict[str, Any]] = []
-    for record, tokens in zip(records, token_lists, strict=True):
+    for record, tokens in _tokenized(rt, records):
         try:
             chunks = plan_chunks(
                 record.text,
@@ -201,17 +239,17 @@ def _prepare(rt: Runtime, name: str, data: bytes) -> tuple[list[PreparedRecord],
         except InputRejected as exc:
             problems.extend(exc.records)
             continue
-        keyed = [(request_key(s.openai_model, s.openai_dimensions, c.input), c) for c in chunks]
-        for key, chunk in keyed:
+        keyed: list[tuple[str, Chunk]] = []
+        for chunk in chunks:
+            # token windows go in their stored form, made once: the key hashes it too
+            value = chunk.input if isinstance(chunk.input, str) else encode_input(chunk.input)
+            key = request_key(s.openai_model, s.openai_dimensions, value)
+            keyed.append((key, Chunk(value, chunk.tokens)))
             if key not in requests:
-                text_bytes = (
-                    len(chunk.input.encode("utf-8"))
-                    if isinstance(chunk.input, str)
-                    else 4 * chunk.tokens
-                )
+                text_bytes = len(value.encode()) if chunk.input is value else 4 * chunk.tokens
                 requests[key] = NewRequest(
                     key=key,
-                    input=chunk.input,
+                    input=value,
                     tokens=chunk.tokens,
                     qtokens=queue_tokens_estimate(chunk.tokens, text_bytes),
                     nbytes=request_line_size(key, chunk.input, s.openai_model, s.send_dimensions),

@@ -194,7 +194,7 @@ class NewRequest:
     """A unique input to embed."""
 
     key: str
-    input: str | list[int]
+    input: str | list[int]  # token ids may come already in their stored form (encode_input)
     tokens: int
     qtokens: int
     nbytes: int
@@ -888,8 +888,10 @@ def _decode_input(raw: str) -> str | list[int]:
     return raw
 
 
-def encode_input(value: str | list[int]) -> str:
+def encode_input(value: str | list[int] | npt.NDArray[np.uint32]) -> str:
     """How a request's input is stored: the text, or a marked JSON array of token ids."""
     if isinstance(value, str):
         return value
+    if isinstance(value, np.ndarray):
+        return "\x00tokens:" + json.dumps(value.tolist())
     return "\x00tokens:" + json.dumps(value)
