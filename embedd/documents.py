@@ -165,6 +165,7 @@ class _Collector:
         self.name = name
         self.unit = unit  # "line" or "item"
         self.records: list[Record] = []
+        self.count = 0
         self.problems: list[dict[str, Any]] = []
         self.problem_count = 0
         self.seen: dict[str, int] = {}
@@ -175,6 +176,12 @@ class _Collector:
             self.problems.append({"id": rec_id, self.unit: where, "error": error})
 
     def add(self, where: int, obj: Any, line: int | None) -> None:
+        record = self.check(where, obj, line)
+        if record is not None:
+            self.records.append(record)
+
+    def check(self, where: int, obj: Any, line: int | None) -> Record | None:
+        """The record `obj` makes, or None after noting its problem."""
         try:
             rec_id, text, meta = _record_from_object(obj, str(where))
         except _Problem as exc:
@@ -183,17 +190,19 @@ class _Collector:
             if shown is not None and not shown.isascii() and _SURROGATE.search(shown):
                 shown = shown.encode("utf-8", "backslashreplace").decode("ascii")
             self.problem(where, shown, str(exc))
-            return
+            return None
         first = self.seen.get(rec_id)
         if first is not None:
             self.problem(
                 where, rec_id, f"duplicate id {rec_id!r} ({self.unit}s {first} and {where})"
             )
-            return
+            return None
         self.seen[rec_id] = where
-        self.records.append(Record(rec_id, text, meta, line))
+        self.count += 1
+        return Record(rec_id, text, meta, line)
 
-    def result(self) -> list[Record]:
+    def finish(self) -> None:
+        """Raise `InputRejected` if any record had a problem or there were none."""
         if self.problems:
             first = self.problems[0]
             more = self.problem_count - 1
@@ -202,8 +211,11 @@ class _Collector:
                 f"{self.name} {self.unit} {first[self.unit]}: {first['error']}{tail}.",
                 records=self.problems,
             )
-        if not self.records:
+        if not self.count:
             raise InputRejected(f"{self.name} has no records.")
+
+    def result(self) -> list[Record]:
+        self.finish()
         return self.records
 
 
@@ -229,7 +241,7 @@ def _jsonl_lines(name: str, data: bytes) -> Iterator[str]:
         start = end + 1
 
 
-def _parse_jsonl(name: str, data: bytes) -> list[Record]:
+def _iter_jsonl(name: str, data: bytes) -> Iterator[Record]:
     out = _Collector(name, "line")
     for number, line in enumerate(_jsonl_lines(name, data), start=1):
         if not line.strip(" \t\r"):
@@ -245,8 +257,10 @@ def _parse_jsonl(name: str, data: bytes) -> list[Record]:
         except ValueError as exc:
             out.problem(number, None, f"malformed JSON: {exc}")
             continue
-        out.add(number, obj, number)
-    return out.result()
+        record = out.check(number, obj, number)
+        if record is not None and not out.problem_count:
+            yield record  # after a problem the file fails: its records are only checked
+    out.finish()
 
 
 def _parse_json(name: str, text: str) -> list[Record]:
@@ -281,10 +295,20 @@ def parse_document(name: str, data: bytes) -> list[Record]:
 
     `name` only chooses the format and appears in messages; it is not opened.
     """
+    return list(iter_document(name, data))
+
+
+def iter_document(name: str, data: bytes) -> Iterator[Record]:
+    """The records of input file `name` one by one, as `parse_document` would list
+    them; `InputRejected` is raised when the problem is met (a JSON Lines file's
+    per-record problems all together, at its end). JSON Lines is read line by line,
+    so its records need not all be in memory at once; the other formats are whole."""
     lowered = name.lower()
     if lowered.endswith(".jsonl"):
-        return _parse_jsonl(name, data)
+        yield from _iter_jsonl(name, data)
+        return
     text = _decode(name, data)
     if lowered.endswith(".json"):
-        return _parse_json(name, text)
-    return _parse_text(name, text)
+        yield from _parse_json(name, text)
+        return
+    yield from _parse_text(name, text)

@@ -142,6 +142,7 @@ MIGRATIONS: tuple[str, ...] = (
     # (SPEC §9): `vectors` keeps where each key's row is, `segments` what each file
     # holds and when it was last used. The old blobs are dropped: the dedup cache
     # starts empty, and the vectors of files not yet delivered are embedded again.
+    # `staged`: the requests of a file being claimed, stored in batches (SPEC §9).
     """
     DROP TABLE vectors;
     CREATE TABLE vectors (
@@ -161,6 +162,15 @@ MIGRATIONS: tuple[str, ...] = (
         bytes INTEGER NOT NULL,
         created_at REAL NOT NULL,
         used_at REAL NOT NULL
+    );
+    CREATE TABLE staged (
+        job TEXT NOT NULL,
+        key TEXT NOT NULL,
+        input TEXT NOT NULL,
+        tokens INTEGER NOT NULL,
+        qtokens INTEGER NOT NULL,
+        nbytes INTEGER NOT NULL,
+        PRIMARY KEY (job, key)
     );
     UPDATE requests SET state = 'pending', shard = NULL WHERE state = 'done' AND key IN (
         SELECT p.key FROM pieces p JOIN files f ON f.job = p.job
@@ -408,6 +418,111 @@ class Store:
                 (sha256, size, len(records), sum(r.tokens for r in records), now, job),
             )
 
+    async def clear_claim(self, job: str) -> None:
+        """Forget what an interrupted claim of `job` stored, to store it again."""
+        async with self.transaction() as tx:
+            for table in ("pieces", "records", "staged"):
+                await tx.execute(f"DELETE FROM {table} WHERE job = ?", (job,))
+
+    async def stage(
+        self,
+        job: str,
+        first: int,
+        records: Sequence[NewRecord],
+        requests: Sequence[NewRequest],
+    ) -> None:
+        """Store one batch of a file being claimed: its records (numbered from `first`),
+        their pieces, and its requests set aside until `queue_staged`."""
+        async with self.transaction() as tx:
+            await tx.executemany(
+                "INSERT INTO records (job, idx, rid, meta, tokens, chunks, cached) "
+                "VALUES (?, ?, ?, ?, ?, ?, 0)",
+                [
+                    (
+                        job,
+                        first + i,
+                        r.rid,
+                        None if r.meta is None else json.dumps(r.meta, ensure_ascii=False),
+                        r.tokens,
+                        len(r.pieces),
+                    )
+                    for i, r in enumerate(records)
+                ],
+            )
+            await tx.executemany(
+                "INSERT INTO pieces (job, idx, chunk, key, tokens) VALUES (?, ?, ?, ?, ?)",
+                [
+                    (job, first + i, c, key, tokens)
+                    for i, r in enumerate(records)
+                    for c, (key, tokens) in enumerate(r.pieces)
+                ],
+            )
+            await tx.executemany(
+                "INSERT OR IGNORE INTO staged (job, key, input, tokens, qtokens, nbytes) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (job, q.key, encode_input(q.input), q.tokens, q.qtokens, q.nbytes)
+                    for q in requests
+                ],
+            )
+
+    async def queue_staged(
+        self, job: str, *, sha256: str, size: int, lane: str, now: float
+    ) -> tuple[int, int, int]:
+        """Queue a file whose batches are all staged, in one transaction: mark records
+        whose every piece was embedded or queued before (or earlier in this file) as
+        cached, turn the staged requests into pending ones, and mark the file queued.
+        Returns (records, tokens, cached records)."""
+        async with self.transaction() as tx:
+            await tx.execute(
+                "UPDATE records SET cached = NOT EXISTS ("
+                " SELECT 1 FROM pieces p WHERE p.job = records.job AND p.idx = records.idx"
+                " AND NOT EXISTS (SELECT 1 FROM vectors v WHERE v.key = p.key)"
+                " AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.key = p.key"
+                "  AND r.state != 'failed')"
+                # (the unary + keeps SQLite on the key index, not a scan of the job's pieces)
+                " AND NOT EXISTS (SELECT 1 FROM pieces q WHERE q.key = p.key AND +q.job = p.job"
+                "  AND +q.idx < p.idx)"
+                ") WHERE job = ?",
+                (job,),
+            )
+            # As in queue_file: an embedded text needs no request, a queued one is
+            # shared, one that failed before gets a fresh chance.
+            await tx.execute(
+                "INSERT INTO requests (key, input, tokens, qtokens, nbytes, lane, state, queued_at) "
+                "SELECT key, input, tokens, qtokens, nbytes, ?, 'pending', ? FROM staged s "
+                "WHERE s.job = ? AND NOT EXISTS (SELECT 1 FROM vectors v WHERE v.key = s.key) "
+                "ON CONFLICT(key) DO UPDATE SET state = 'pending', attempts = 0, error = NULL, "
+                "shard = NULL, queued_at = excluded.queued_at, lane = excluded.lane "
+                "WHERE requests.state = 'failed'",
+                (lane, now, job),
+            )
+            if lane == "sync":
+                await tx.execute(
+                    "UPDATE requests SET lane = 'sync' WHERE state = 'pending' AND key IN "
+                    "(SELECT key FROM staged WHERE job = ?)",
+                    (job,),
+                )
+            await tx.execute("DELETE FROM staged WHERE job = ?", (job,))
+            await tx.execute(
+                "UPDATE segments SET used_at = MAX(used_at, ?) WHERE id IN ("
+                " SELECT v.segment FROM pieces p JOIN vectors v ON v.key = p.key WHERE p.job = ?)",
+                (now, job),
+            )
+            cur = await tx.execute(
+                "SELECT COUNT(*), COALESCE(SUM(tokens), 0), COALESCE(SUM(cached), 0) "
+                "FROM records WHERE job = ?",
+                (job,),
+            )
+            row = await cur.fetchone()
+            records, tokens, cached = (int(v) for v in row) if row else (0, 0, 0)
+            await tx.execute(
+                "UPDATE files SET state = 'queued', sha256 = ?, size = ?, records = ?, "
+                "tokens = ?, queued_at = ? WHERE job = ? AND state = 'claiming'",
+                (sha256, size, records, tokens, now, job),
+            )
+        return records, tokens, cached
+
     async def known_keys(self, keys: Iterable[str]) -> set[str]:
         """Which of `keys` are embedded already or queued (for the manifest's `cached`)."""
         wanted = list(dict.fromkeys(keys))
@@ -555,9 +670,12 @@ class Store:
 
     # ---- requests and shards -----------------------------------------------------
 
-    async def pending(self, lane: str, limit: int) -> list[Pending]:
+    async def pending(self, lane: str, limit: int, *, inputs: bool = True) -> list[Pending]:
+        """The oldest pending requests; with `inputs=False` their `input` is left empty
+        (planning needs only sizes: a shard's texts are read by `request_inputs`)."""
+        column = "input" if inputs else "'' AS input"
         rows = await self._all(
-            "SELECT key, input, tokens, qtokens, nbytes, queued_at, attempts FROM requests "
+            f"SELECT key, {column}, tokens, qtokens, nbytes, queued_at, attempts FROM requests "
             "WHERE state = 'pending' AND lane = ? ORDER BY queued_at, key LIMIT ?",
             (lane, limit),
         )
@@ -858,6 +976,28 @@ async def _forget_texts(tx: _Tx, job: str) -> None:
         (job,),
     )
     await tx.execute("UPDATE records SET meta = NULL WHERE job = ? AND meta IS NOT NULL", (job,))
+    await tx.execute("DELETE FROM staged WHERE job = ?", (job,))  # a claim that failed
+
+
+def request_inputs(
+    db_path: Path, keys: Sequence[str], fetch: int = 32
+) -> Iterator[tuple[str, str | list[int]]]:
+    """(key, input) of each of `keys` that has a request, in the order given, read
+    `fetch` at a time on a read-only connection (a blocking generator for a worker
+    thread: a shard of 190 MB is written without holding its texts all at once)."""
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30.0)
+    try:
+        for start in range(0, len(keys), fetch):
+            part = keys[start : start + fetch]
+            marks = ",".join("?" * len(part))
+            rows = dict(
+                conn.execute(f"SELECT key, input FROM requests WHERE key IN ({marks})", part)
+            )
+            for key in part:
+                if key in rows:
+                    yield key, _decode_input(rows.pop(key))
+    finally:
+        conn.close()
 
 
 class _Tx:

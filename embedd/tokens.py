@@ -77,7 +77,7 @@ class Tokenizer:
         while start < len(text):
             end = min(len(text), start + piece_chars)
             if end < len(text):
-                end = _cut_point(text, start, end)
+                end = cut_point(text, start, end)
             ids = self._enc.encode_ordinary(text[start:end])
             parts.append(np.fromiter(ids, dtype=np.uint32, count=len(ids)))
             del ids
@@ -91,7 +91,7 @@ class Tokenizer:
         return str(self._enc.decode(list(tokens)))
 
 
-def _cut_point(text: str, start: int, end: int) -> int:
+def cut_point(text: str, start: int, end: int) -> int:
     """The last position in (start, end] just before a space between two non-spaces."""
     pos = end
     while True:
