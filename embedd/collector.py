@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -35,6 +35,7 @@ from embedd.states import BATCH_TERMINAL
 from embedd.vectors import VectorLike
 
 SLICE = 1000
+READ_BUFFER = 1 << 20  # output lines are ~16 KB at 3072 dimensions: read many at once
 # Error-file codes for lines the batch never ran because it expired or was
 # cancelled: re-queued at no cost to their retries (SPEC §4), like missing lines.
 UNFINISHED_CODES = frozenset({"batch_expired", "batch_cancelled"})
@@ -119,11 +120,8 @@ async def collect(rt: Runtime, shard: str, batch: dict[str, Any]) -> None:
     for kind, file_id in files:
         dest = downloads / f"{shard}.{kind}.jsonl"
         await rt.client.download_file(str(file_id), dest)
-        with dest.open("rb") as fh:
-            while True:
-                results = await asyncio.to_thread(_parse_slice, fh, s.openai_dimensions)
-                if not results:
-                    break
+        with dest.open("rb", buffering=READ_BUFFER) as fh:
+            async for results in parsed_slices(fh, s.openai_dimensions):
                 good: list[tuple[str, VectorLike, int | None]] = []
                 for r in results:
                     if r.custom_id not in sent or r.custom_id in seen:
@@ -244,6 +242,21 @@ def _custom_ids_by_line(path: Path) -> dict[int, str]:
     return out
 
 
+async def parsed_slices(fh: IO[bytes], dimensions: int) -> AsyncIterator[list[LineResult]]:
+    """The file's lines parsed a slice at a time in a worker thread, the next slice
+    parsed while the caller stores this one (its vectors' disk sync overlaps parsing)."""
+    ahead = asyncio.ensure_future(asyncio.to_thread(_parse_slice, fh, dimensions))
+    try:
+        while results := await ahead:
+            ahead = asyncio.ensure_future(asyncio.to_thread(_parse_slice, fh, dimensions))
+            yield results
+    finally:
+        if not ahead.done():
+            await asyncio.wait([ahead])  # the thread reads `fh`: let it finish first
+        if not ahead.cancelled():
+            ahead.exception()  # retrieved: an error of the caller's own wins
+
+
 def _parse_slice(fh: IO[bytes], dimensions: int) -> list[LineResult]:
     out: list[LineResult] = []
     for line in _lines(fh, SLICE):
@@ -259,7 +272,7 @@ def _lines(fh: IO[bytes], n: int) -> Iterator[bytes]:
         line = fh.readline()
         if not line:
             return
-        if line.strip():
+        if not line.isspace():  # (no copy of a 16 KB line, unlike strip())
             yield line
 
 

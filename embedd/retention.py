@@ -48,3 +48,4 @@ async def retain_once(rt: Runtime) -> None:
     pruned = await rt.store.prune_finished(now - s.state_keep)
     if pruned:
         rt.log.info("state.files_pruned", files=pruned)
+    await rt.store.checkpoint()  # finish a truncation a reader held up

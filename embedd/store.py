@@ -560,7 +560,13 @@ class Store:
         with `secure_delete` leave no old copy in `-wal` either. Best effort: a reader
         in the middle of a read keeps the WAL until a later checkpoint."""
         async with self._lock:
-            await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            # Never wait for readers (a delivery streaming vectors): if one is reading,
+            # this pass does what it can and a later one (each retention pass) finishes.
+            await self._db.execute("PRAGMA busy_timeout=0")
+            try:
+                await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                await self._db.execute("PRAGMA busy_timeout=10000")
 
     async def forget_orphan_texts(self) -> int:
         """Delete the texts of requests no unfinished file needs any more (those that
