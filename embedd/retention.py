@@ -1,6 +1,6 @@
 """Retention: what the daemon keeps is bounded by settings, not by what it processed.
 
-Each pass (every minute, and after each collection or delivery):
+Each pass (every minute; after each collection or delivery only the cache's bound):
 
 - drops whole vector segments unused for `[dedup] keep`, then the least recently
   used until the cache fits `[dedup] max_bytes` (never one an unfinished file needs);
@@ -26,22 +26,30 @@ def segment_bytes(max_bytes: int) -> int:
 
 
 async def retention_loop(rt: Runtime) -> None:
+    """A full pass every INTERVAL; on a kick between them, only the cache's bound."""
+    last_full = float("-inf")
     while not rt.stopping.is_set():
-        await retain_once(rt)
+        full = rt.clock() - last_full >= INTERVAL
+        await retain_once(rt, full=full)
+        if full:
+            last_full = rt.clock()
         await rt.wake.wait("retain", INTERVAL)
 
 
-async def retain_once(rt: Runtime) -> None:
+async def retain_once(rt: Runtime, *, full: bool = True) -> None:
     s = rt.settings
     now = rt.clock()
     # Under the queue lock: a claim that found a text cached queues its file before
     # the segment holding that vector can be judged unused.
     async with rt.queue_lock:
         dropped = await rt.store.prune_vectors(
-            max_bytes=s.dedup_max_bytes, keep=s.dedup_keep, now=now
+            max_bytes=s.dedup_max_bytes, keep=s.dedup_keep, now=now, sweep=full
         )
     if dropped:
         rt.log.info("dedup.segments_dropped", segments=len(dropped))
+    if not full:
+        await rt.store.checkpoint()  # finish a truncation a reader held up
+        return
     forgotten = await rt.store.forget_orphan_texts()
     if forgotten:
         rt.log.info("state.texts_deleted", requests=forgotten)

@@ -606,14 +606,23 @@ class Store:
         row = await self._one("SELECT COALESCE(SUM(bytes), 0) FROM segments")
         return int(row[0]) if row else 0
 
-    async def prune_vectors(self, *, max_bytes: int, keep: float, now: float) -> list[int]:
+    async def prune_vectors(
+        self, *, max_bytes: int, keep: float, now: float, sweep: bool = True
+    ) -> list[int]:
         """Drop whole segments, least recently used first: every segment unused for
         `keep` seconds, then more until the rest fit in `max_bytes`. The segment being
         filled and any holding a vector an unfinished file still needs stay. Their
         keys lose their vectors (a text that comes back is embedded again). Files on
-        disk that no index row names (a crash before the index committed) go too.
+        disk that no index row names (a crash before the index committed) go too
+        (`sweep=False` skips that, and all the work when nothing is over its bound).
         Returns the segments dropped."""
         async with self._vector_lock:
+            row = await self._one("SELECT COALESCE(SUM(bytes), 0), MIN(used_at) FROM segments")
+            within = row is None or (
+                int(row[0]) <= max_bytes and (row[1] is None or float(row[1]) >= now - keep)
+            )
+            if within and not sweep:
+                return []  # the usual case, cheap: nothing is due
             segments = await self._all(
                 "SELECT id, bytes, used_at FROM segments ORDER BY used_at, id"
             )
