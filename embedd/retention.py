@@ -1,10 +1,13 @@
 """Retention: what the daemon keeps is bounded by settings, not by what it processed.
 
-Each pass (every minute; after each collection or delivery only the cache's bound):
+Each pass (every minute, and after each collection or delivery; the sweeps marked
+"full" only once a minute):
 
 - drops whole vector segments unused for `[dedup] keep`, then the least recently
-  used until the cache fits `[dedup] max_bytes` (never one an unfinished file needs);
-- deletes the texts of requests that were still in a batch when their file finished;
+  used until the cache fits `[dedup] max_bytes` (never one an unfinished file needs),
+  and (full) segment files no index row names;
+- (full) deletes the texts of requests that were still in a batch when their file
+  finished;
 - prunes the rows of files finished longer ago than `[state] keep` (the ledger stays).
 
 The arithmetic lives in `Store.prune_vectors` / `Store.prune_finished`; this module
@@ -26,7 +29,7 @@ def segment_bytes(max_bytes: int) -> int:
 
 
 async def retention_loop(rt: Runtime) -> None:
-    """A full pass every INTERVAL; on a kick between them, only the cache's bound."""
+    """A full pass every INTERVAL; on a kick between them, the cheap part."""
     last_full = float("-inf")
     while not rt.stopping.is_set():
         full = rt.clock() - last_full >= INTERVAL
@@ -47,12 +50,10 @@ async def retain_once(rt: Runtime, *, full: bool = True) -> None:
         )
     if dropped:
         rt.log.info("dedup.segments_dropped", segments=len(dropped))
-    if not full:
-        await rt.store.checkpoint()  # finish a truncation a reader held up
-        return
-    forgotten = await rt.store.forget_orphan_texts()
-    if forgotten:
-        rt.log.info("state.texts_deleted", requests=forgotten)
+    if full:
+        forgotten = await rt.store.forget_orphan_texts()
+        if forgotten:
+            rt.log.info("state.texts_deleted", requests=forgotten)
     pruned = await rt.store.prune_finished(now - s.state_keep)
     if pruned:
         rt.log.info("state.files_pruned", files=pruned)
