@@ -44,7 +44,8 @@ def test_a_finished_files_texts_are_in_no_byte_of_state(
 ) -> None:
     """Once files are done (or failed), none of their marker texts (nor the extra keys
     copied to the manifest) is left in any byte under state/: not in the database,
-    not in its -wal, not in the vector segments, shards or downloads."""
+    not in its -wal, not in the vector segments, shards or downloads. That includes
+    a file refused after some of its batches were already stored."""
     emulator = start_emulator()
     daemon = start_daemon(emulator.url, openai={"dimensions": 256})
     markers: list[bytes] = []
@@ -58,6 +59,11 @@ def test_a_finished_files_texts_are_in_no_byte_of_state(
         name = f"part{f}.jsonl"
         drop(daemon.spool, name, jsonl(records))
         names.append(name)
+    # a file refused after more than one batch of it was stored (a bad last line)
+    big = [{"id": str(i), "text": f"qzbadfile{i:05d} " + "filler words " * 80} for i in range(3000)]
+    markers += [f"qzbadfile{i:05d}".encode() for i in range(3000)]
+    drop(daemon.spool, "refused.jsonl", jsonl(big) + b"{not json\n")
+    names.append("refused.jsonl")
     daemon.wait_done(names, timeout=60)
     state = daemon.spool / "state"
 
