@@ -142,11 +142,13 @@ async def process_claimed(rt: Runtime, job: str, name: str, lane: str) -> None:
         await rt.store.clear_claim(job)  # what an interrupted claim had stored
         batches = _prepared_batches(rt, name, data)
         first = 0
+        held: tuple[list[NewRecord], list[NewRequest]] | None = None
         while (batch := await asyncio.to_thread(next, batches, None)) is not None:
-            records, requests = batch
-            await rt.store.stage(job, first, records, requests)
-            first += len(records)
-            del batch, records, requests
+            if held is not None:  # not the last batch: set aside until the file is whole
+                await rt.store.stage(job, first, *held)
+                first += len(held[0])
+            held = batch
+            del batch
     except InputRejected as exc:
         await rt.store.clear_claim(job)
         await refuse(rt, job, name, work, exc, sha256)
@@ -157,7 +159,12 @@ async def process_claimed(rt: Runtime, job: str, name: str, lane: str) -> None:
     # is billed to one of them and marked cached in the other.
     async with rt.queue_lock:
         count, tokens, cached = await rt.store.queue_staged(
-            job, sha256=sha256, size=size, lane=lane, now=rt.clock()
+            job,
+            last=None if held is None else (first, *held),
+            sha256=sha256,
+            size=size,
+            lane=lane,
+            now=rt.clock(),
         )
     rt.log.info(
         "file.queued", file=name, job=job, lane=lane, records=count, tokens=tokens, cached=cached

@@ -434,29 +434,7 @@ class Store:
         """Store one batch of a file being claimed: its records (numbered from `first`),
         their pieces, and its requests set aside until `queue_staged`."""
         async with self.transaction() as tx:
-            await tx.executemany(
-                "INSERT INTO records (job, idx, rid, meta, tokens, chunks, cached) "
-                "VALUES (?, ?, ?, ?, ?, ?, 0)",
-                [
-                    (
-                        job,
-                        first + i,
-                        r.rid,
-                        None if r.meta is None else json.dumps(r.meta, ensure_ascii=False),
-                        r.tokens,
-                        len(r.pieces),
-                    )
-                    for i, r in enumerate(records)
-                ],
-            )
-            await tx.executemany(
-                "INSERT INTO pieces (job, idx, chunk, key, tokens) VALUES (?, ?, ?, ?, ?)",
-                [
-                    (job, first + i, c, key, tokens)
-                    for i, r in enumerate(records)
-                    for c, (key, tokens) in enumerate(r.pieces)
-                ],
-            )
+            await _insert_records(tx, job, first, records)
             await tx.executemany(
                 "INSERT OR IGNORE INTO staged (job, key, input, tokens, qtokens, nbytes) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
@@ -467,13 +445,24 @@ class Store:
             )
 
     async def queue_staged(
-        self, job: str, *, sha256: str, size: int, lane: str, now: float
+        self,
+        job: str,
+        *,
+        last: tuple[int, Sequence[NewRecord], Sequence[NewRequest]] | None = None,
+        sha256: str,
+        size: int,
+        lane: str,
+        now: float,
     ) -> tuple[int, int, int]:
-        """Queue a file whose batches are all staged, in one transaction: mark records
-        whose every piece was embedded or queued before (or earlier in this file) as
-        cached, turn the staged requests into pending ones, and mark the file queued.
+        """Queue a file whose batches are all staged, in one transaction: store the
+        `last` batch (first index, records, requests: it goes straight to the queue,
+        so a file of one batch never writes its texts twice), mark records whose every
+        piece was embedded or queued before (or earlier in this file) as cached, turn
+        the requests into pending ones, and mark the file queued.
         Returns (records, tokens, cached records)."""
         async with self.transaction() as tx:
+            if last is not None:
+                await _insert_records(tx, job, last[0], last[1])
             await tx.execute(
                 "UPDATE records SET cached = NOT EXISTS ("
                 " SELECT 1 FROM pieces p WHERE p.job = records.job AND p.idx = records.idx"
@@ -497,11 +486,28 @@ class Store:
                 "WHERE requests.state = 'failed'",
                 (lane, now, job),
             )
+            final = [] if last is None else last[2]
+            await tx.executemany(
+                "INSERT INTO requests (key, input, tokens, qtokens, nbytes, lane, state, queued_at) "
+                "SELECT ?, ?, ?, ?, ?, ?, 'pending', ? "
+                "WHERE NOT EXISTS (SELECT 1 FROM vectors WHERE key = ?) "
+                "ON CONFLICT(key) DO UPDATE SET state = 'pending', attempts = 0, error = NULL, "
+                "shard = NULL, queued_at = excluded.queued_at, lane = excluded.lane "
+                "WHERE requests.state = 'failed'",
+                [
+                    (q.key, encode_input(q.input), q.tokens, q.qtokens, q.nbytes, lane, now, q.key)
+                    for q in final
+                ],
+            )
             if lane == "sync":
                 await tx.execute(
                     "UPDATE requests SET lane = 'sync' WHERE state = 'pending' AND key IN "
                     "(SELECT key FROM staged WHERE job = ?)",
                     (job,),
+                )
+                await tx.executemany(
+                    "UPDATE requests SET lane = 'sync' WHERE key = ? AND state = 'pending'",
+                    [(q.key,) for q in final],
                 )
             await tx.execute("DELETE FROM staged WHERE job = ?", (job,))
             await tx.execute(
@@ -922,6 +928,33 @@ class Store:
             rows = await self._all(f"SELECT state, COUNT(*) FROM {table} GROUP BY state")
             out[table] = {str(r[0]): int(r[1]) for r in rows}
         return out
+
+
+async def _insert_records(tx: _Tx, job: str, first: int, records: Sequence[NewRecord]) -> None:
+    """A batch of a file's records (numbered from `first`) and their pieces."""
+    await tx.executemany(
+        "INSERT INTO records (job, idx, rid, meta, tokens, chunks, cached) "
+        "VALUES (?, ?, ?, ?, ?, ?, 0)",
+        [
+            (
+                job,
+                first + i,
+                r.rid,
+                None if r.meta is None else json.dumps(r.meta, ensure_ascii=False),
+                r.tokens,
+                len(r.pieces),
+            )
+            for i, r in enumerate(records)
+        ],
+    )
+    await tx.executemany(
+        "INSERT INTO pieces (job, idx, chunk, key, tokens) VALUES (?, ?, ?, ?, ?)",
+        [
+            (job, first + i, c, key, tokens)
+            for i, r in enumerate(records)
+            for c, (key, tokens) in enumerate(r.pieces)
+        ],
+    )
 
 
 # (key, segment, row, tokens) of rows already in their segments, and those segments.
