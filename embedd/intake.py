@@ -190,18 +190,20 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-# Records handled together: tokenized in one call (tiktoken's lists of Python ints, 36
-# bytes a token, exist for one batch at a time) and stored in one transaction.
-BATCH_CHARS = 2 << 20
+# Records stored in one transaction (a file of up to this much text is queued in one
+# step, its texts written once), and records tokenized in one call (tiktoken's lists
+# of Python ints, 36 bytes a token, exist for one such call at a time).
+BATCH_CHARS = 4 << 20
+TOKENIZE_CHARS = 2 << 20
 
 
-def _batches(records: Iterable[Record]) -> Iterator[list[Record]]:
+def _batches(records: Iterable[Record], limit: int = BATCH_CHARS) -> Iterator[list[Record]]:
     batch: list[Record] = []
     chars = 0
     for record in records:
         batch.append(record)
         chars += len(record.text)
-        if chars >= BATCH_CHARS:
+        if chars >= limit:
             yield batch
             batch, chars = [], 0
     if batch:
@@ -247,15 +249,16 @@ def _whole_text(rt: Runtime, name: str, data: bytes) -> Iterator[tuple[Record, T
 def _tokenized(rt: Runtime, batch: Sequence[Record]) -> Iterator[tuple[Record, TokenIds]]:
     """Each record with its token ids; a long text's as a compact uint32 array."""
     limit = rt.settings.inputs_max_tokens
-    short = [r.text for r in batch if len(r.text) <= PIECE_CHARS]
-    ids_of_short = iter(rt.tokenizer.encode_batch(short))
-    del short
-    for record in batch:
-        if len(record.text) > PIECE_CHARS:
-            yield record, rt.tokenizer.encode_compact(record.text)
-            continue
-        ids = next(ids_of_short)
-        yield record, ids if len(ids) <= limit else np.asarray(ids, dtype=np.uint32)
+    for part in _batches(batch, TOKENIZE_CHARS):
+        short = [r.text for r in part if len(r.text) <= PIECE_CHARS]
+        ids_of_short = iter(rt.tokenizer.encode_batch(short))
+        del short
+        for record in part:
+            if len(record.text) > PIECE_CHARS:
+                yield record, rt.tokenizer.encode_compact(record.text)
+                continue
+            ids = next(ids_of_short)
+            yield record, ids if len(ids) <= limit else np.asarray(ids, dtype=np.uint32)
 
 
 def _prepared_batches(

@@ -59,9 +59,11 @@ def test_a_finished_files_texts_are_in_no_byte_of_state(
         name = f"part{f}.jsonl"
         drop(daemon.spool, name, jsonl(records))
         names.append(name)
-    # a file refused after more than one batch of it was stored (a bad last line)
-    big = [{"id": str(i), "text": f"qzbadfile{i:05d} " + "filler words " * 80} for i in range(3000)]
-    markers += [f"qzbadfile{i:05d}".encode() for i in range(3000)]
+    # a file refused after a batch of it was stored (5 MB of text, a bad last line)
+    big = [
+        {"id": str(i), "text": f"qzbadfile{i:05d} " + "filler words " * 700} for i in range(2000)
+    ]
+    markers += [f"qzbadfile{i:05d}".encode() for i in range(2000)]
     drop(daemon.spool, "refused.jsonl", jsonl(big) + b"{not json\n")
     names.append("refused.jsonl")
     daemon.wait_done(names, timeout=60)
