@@ -366,6 +366,27 @@ KEYS: tuple[Key, ...] = (
         "on crossing a budget: warn, or pause new submissions",
     ),
     Key(
+        "dedup",
+        "keep",
+        parse_duration,
+        "30d",
+        "cached vectors unused this long are dropped (their texts are embedded again)",
+    ),
+    Key(
+        "dedup",
+        "max_bytes",
+        parse_size,
+        "10GiB",
+        "largest size of the vector cache in state/vectors/; least recently used go first",
+    ),
+    Key(
+        "state",
+        "keep",
+        parse_duration,
+        "30d",
+        "how long the rows of finished files stay for status and reports (the ledger stays)",
+    ),
+    Key(
         "emulator",
         "phase_time",
         parse_duration,
@@ -437,6 +458,9 @@ class Settings:
     budget_daily_usd: Decimal | None
     budget_monthly_usd: Decimal | None
     budget_action: str
+    dedup_keep: float
+    dedup_max_bytes: int
+    state_keep: float
     emulator_phase_time: float
     emulator_poll_interval: float
     metrics_listen: str | None

@@ -43,6 +43,7 @@ from embedd.ledger import Ledger
 from embedd.limiter import Limiter
 from embedd.logs import get_logger
 from embedd.metrics_http import MetricsServer
+from embedd.retention import retention_loop, segment_bytes
 from embedd.retry import RetryPolicy
 from embedd.runtime import Runtime
 from embedd.safety import check_ownership, check_spool_safety
@@ -116,6 +117,7 @@ async def _run(
             log.info("emulator.started", url=base_url)
         store = await Store.open(paths.state_dir / "embedd.sqlite3")
         edges.push_async_callback(store.close)
+        store.segments.segment_bytes = segment_bytes(settings.dedup_max_bytes)
         session = make_session(settings.openai_ca_file, settings.openai_timeout)
         edges.push_async_callback(session.close)
         client = OpenAIClient(
@@ -310,6 +312,7 @@ def _start_stages(
     tg.create_task(poll_loop(rt))
     tg.create_task(sync_loop(rt))
     tg.create_task(deliver_loop(rt))
+    tg.create_task(retention_loop(rt))
     tg.create_task(_status_loop(rt, notifier, status))
     if until_idle:
         tg.create_task(_stop_when_idle(rt))

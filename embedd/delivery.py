@@ -125,6 +125,8 @@ async def deliver(rt: Runtime, row: Any) -> None:
         row["lane"], "done", {"embedded": len(records) - cached, "cached": cached}
     )
 
+    rt.wake.kick("retain")  # its vectors may leave the cache now, its texts have left
+
 
 def _write_result(
     rt: Runtime, name: str, job: str, rows: RowStream, manifest: dict[str, Any]
@@ -142,13 +144,15 @@ def _record_entry(r: Any, chunks: int) -> dict[str, Any]:
     return entry
 
 
-def record_rows(pieces: Iterator[tuple[int, int, bytes]]) -> Iterator[npt.NDArray[np.float32]]:
+def record_rows(
+    pieces: Iterator[tuple[int, int, npt.NDArray[np.float32]]],
+) -> Iterator[npt.NDArray[np.float32]]:
     """One row per record from its pieces in order: a record of several chunks becomes
     their token-weighted mean, re-normalised (SPEC §2, `long = "average"`)."""
     for _, group in itertools.groupby(pieces, key=operator.itemgetter(0)):
         parts = list(group)
         if len(parts) == 1:
-            yield np.frombuffer(parts[0][2], dtype="<f4")
+            yield parts[0][2]
         else:
-            vectors = np.stack([np.frombuffer(v, dtype="<f4") for _, _, v in parts])
+            vectors = np.stack([v for _, _, v in parts])
             yield combine_chunks(vectors, [t for _, t, _ in parts])

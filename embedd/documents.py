@@ -33,8 +33,12 @@ for `.json`), and the message names the first one.
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from embedd.errors import InputRejected
 
@@ -89,11 +93,31 @@ def _decode(name: str, data: bytes) -> str:
         ) from None
 
 
+# A JSON escape such as "\ud800" that is not half of a pair decodes to a lone
+# surrogate: not a character, and not encodable as UTF-8 (nor sendable to the API).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _check_text(text: str) -> None:
     if "\x00" in text:
         raise _Problem("text contains a NUL character")
     if not text.strip():
         raise _Problem("text is empty or whitespace only")
+    if not text.isascii() and (m := _SURROGATE.search(text)):
+        raise _Problem(f"text contains a lone surrogate escape (\\u{ord(m.group()):04x})")
+
+
+def _check_meta(meta: dict[str, Any]) -> None:
+    """The extra keys must be storable as standard UTF-8 JSON (and copied to the manifest)."""
+    try:
+        orjson.dumps(meta)
+    except orjson.JSONEncodeError as exc:
+        reason = str(exc)
+        if "surrogate" in reason:
+            raise _Problem("a key other than id and text holds a lone surrogate escape") from None
+        if "ecursion" in reason:
+            raise _Problem("the extra keys are nested too deep (more than 254 levels)") from None
+        raise _Problem(f"the extra keys cannot be stored as JSON: {reason}") from None
 
 
 def _record_from_object(obj: Any, default_id: str) -> tuple[str, str, dict[str, Any] | None]:
@@ -106,6 +130,8 @@ def _record_from_object(obj: Any, default_id: str) -> tuple[str, str, dict[str, 
     rec_id = str(raw_id)
     if rec_id == "":
         raise _Problem("id is empty")
+    if not rec_id.isascii() and _SURROGATE.search(rec_id):
+        raise _Problem("id contains a lone surrogate escape")
     if "text" not in obj:
         raise _Problem('the object has no "text" key')
     text = obj["text"]
@@ -113,6 +139,8 @@ def _record_from_object(obj: Any, default_id: str) -> tuple[str, str, dict[str, 
         raise _Problem(f"text must be a string, found {_json_type(text)}")
     _check_text(text)
     meta = {k: v for k, v in obj.items() if k not in ("id", "text")} or None
+    if meta is not None:
+        _check_meta(meta)
     return rec_id, text, meta
 
 
@@ -137,6 +165,7 @@ class _Collector:
         self.name = name
         self.unit = unit  # "line" or "item"
         self.records: list[Record] = []
+        self.count = 0
         self.problems: list[dict[str, Any]] = []
         self.problem_count = 0
         self.seen: dict[str, int] = {}
@@ -147,23 +176,33 @@ class _Collector:
             self.problems.append({"id": rec_id, self.unit: where, "error": error})
 
     def add(self, where: int, obj: Any, line: int | None) -> None:
+        record = self.check(where, obj, line)
+        if record is not None:
+            self.records.append(record)
+
+    def check(self, where: int, obj: Any, line: int | None) -> Record | None:
+        """The record `obj` makes, or None after noting its problem."""
         try:
             rec_id, text, meta = _record_from_object(obj, str(where))
         except _Problem as exc:
             rec_id_guess = obj.get("id") if isinstance(obj, dict) else None
             shown = rec_id_guess if isinstance(rec_id_guess, str) else None
+            if shown is not None and not shown.isascii() and _SURROGATE.search(shown):
+                shown = shown.encode("utf-8", "backslashreplace").decode("ascii")
             self.problem(where, shown, str(exc))
-            return
+            return None
         first = self.seen.get(rec_id)
         if first is not None:
             self.problem(
                 where, rec_id, f"duplicate id {rec_id!r} ({self.unit}s {first} and {where})"
             )
-            return
+            return None
         self.seen[rec_id] = where
-        self.records.append(Record(rec_id, text, meta, line))
+        self.count += 1
+        return Record(rec_id, text, meta, line)
 
-    def result(self) -> list[Record]:
+    def finish(self) -> None:
+        """Raise `InputRejected` if any record had a problem or there were none."""
         if self.problems:
             first = self.problems[0]
             more = self.problem_count - 1
@@ -172,16 +211,39 @@ class _Collector:
                 f"{self.name} {self.unit} {first[self.unit]}: {first['error']}{tail}.",
                 records=self.problems,
             )
-        if not self.records:
+        if not self.count:
             raise InputRejected(f"{self.name} has no records.")
+
+    def result(self) -> list[Record]:
+        self.finish()
         return self.records
 
 
-def _parse_jsonl(name: str, text: str) -> list[Record]:
-    # split on "\n" only: str.splitlines() would also break on U+2028 and friends,
-    # which are legal inside JSON strings
+def _jsonl_lines(name: str, data: bytes) -> Iterator[str]:
+    """The lines of a JSON Lines file, each decoded on its own: the file is never one
+    big string (nor a list of all its lines) in memory. Split on b"\\n" only:
+    str.splitlines() would also break on U+2028 and friends, legal inside JSON strings."""
+    skip = len(BOM) if data.startswith(BOM) else 0
+    nul = data.find(b"\x00", skip)
+    if nul >= 0:
+        raise InputRejected(f"{name} contains a NUL byte at byte offset {nul}.")
+    start = skip
+    while start <= len(data):
+        end = data.find(b"\n", start)
+        if end < 0:
+            end = len(data)
+        try:
+            yield data[start:end].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputRejected(
+                f"{name} is not valid UTF-8: byte offset {start + exc.start} ({exc.reason})."
+            ) from None
+        start = end + 1
+
+
+def _iter_jsonl(name: str, data: bytes) -> Iterator[Record]:
     out = _Collector(name, "line")
-    for number, line in enumerate(text.split("\n"), start=1):
+    for number, line in enumerate(_jsonl_lines(name, data), start=1):
         if not line.strip(" \t\r"):
             continue
         try:
@@ -189,11 +251,16 @@ def _parse_jsonl(name: str, text: str) -> list[Record]:
         except json.JSONDecodeError as exc:
             out.problem(number, None, f"malformed JSON: {exc.msg} at column {exc.colno}")
             continue
-        except (ValueError, RecursionError) as exc:
+        except RecursionError:
+            out.problem(number, None, "JSON nested too deep to read")
+            continue
+        except ValueError as exc:
             out.problem(number, None, f"malformed JSON: {exc}")
             continue
-        out.add(number, obj, number)
-    return out.result()
+        record = out.check(number, obj, number)
+        if record is not None and not out.problem_count:
+            yield record  # after a problem the file fails: its records are only checked
+    out.finish()
 
 
 def _parse_json(name: str, text: str) -> list[Record]:
@@ -203,7 +270,9 @@ def _parse_json(name: str, text: str) -> list[Record]:
         raise InputRejected(
             f"{name} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}."
         ) from None
-    except (ValueError, RecursionError) as exc:
+    except RecursionError:
+        raise InputRejected(f"{name} is JSON nested too deep to read.") from None
+    except ValueError as exc:
         raise InputRejected(f"{name} is not valid JSON: {exc}.") from None
     if not isinstance(doc, list):
         raise InputRejected(f"{name} must hold a JSON array of objects, found {_json_type(doc)}.")
@@ -226,10 +295,20 @@ def parse_document(name: str, data: bytes) -> list[Record]:
 
     `name` only chooses the format and appears in messages; it is not opened.
     """
-    text = _decode(name, data)
+    return list(iter_document(name, data))
+
+
+def iter_document(name: str, data: bytes) -> Iterator[Record]:
+    """The records of input file `name` one by one, as `parse_document` would list
+    them; `InputRejected` is raised when the problem is met (a JSON Lines file's
+    per-record problems all together, at its end). JSON Lines is read line by line,
+    so its records need not all be in memory at once; the other formats are whole."""
     lowered = name.lower()
     if lowered.endswith(".jsonl"):
-        return _parse_jsonl(name, text)
+        yield from _iter_jsonl(name, data)
+        return
+    text = _decode(name, data)
     if lowered.endswith(".json"):
-        return _parse_json(name, text)
-    return _parse_text(name, text)
+        yield from _parse_json(name, text)
+        return
+    yield from _parse_text(name, text)

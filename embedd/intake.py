@@ -16,25 +16,29 @@ the entry to `failed/` with a reason and the file becomes `failed`.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import functools
 import hashlib
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
+import numpy.typing as npt
+
 from embedd import metrics
-from embedd.batchlines import encode_request_line
+from embedd.batchlines import request_line_size
 from embedd.crashpoints import crash_point
-from embedd.documents import Record, parse_document
+from embedd.documents import BOM, Record, iter_document
 from embedd.errors import InputRejected
 from embedd.outbox import write_failure
 from embedd.planner import queue_tokens_estimate
 from embedd.runtime import Runtime
 from embedd.spool import Entry, fsync_dir, kind_of, read_input, scan
 from embedd.store import NewRecord, NewRequest, db_text, encode_input, new_id
-from embedd.tokens import Chunk, LongPolicy, plan_chunks
+from embedd.tokens import PIECE_CHARS, LongPolicy, TokenIds, cut_point, plan_chunks
 
 _REFUSED_KINDS = {
     "symlink": "it is a symbolic link; embedd never follows links, copy the file instead",
@@ -201,36 +205,40 @@ async def process_claimed(rt: Runtime, job: str, name: str, lane: str) -> None:
                 f"{name} cannot be read: permission denied; let the daemon's user or group "
                 "read it (a producer's umask of 077 refuses it)."
             ) from None
-        sha256 = hashlib.sha256(data).hexdigest()
+        size = len(data)
+        sha256 = await asyncio.to_thread(_sha256, data)
         crash_point("during_parse")
-        prepared = await asyncio.to_thread(_prepare, rt, name, data)
+        # The file is parsed, tokenized and stored a batch at a time, so memory holds
+        # its bytes and one batch, never all its records (SPEC §9, claims stream).
+        await rt.store.clear_claim(job)  # what an interrupted claim had stored
+        batches = _prepared_batches(rt, name, data)
+        first = 0
+        held: tuple[list[NewRecord], list[NewRequest]] | None = None
+        while (batch := await asyncio.to_thread(next, batches, None)) is not None:
+            if held is not None:  # not the last batch: set aside until the file is whole
+                await rt.store.stage(job, first, *held)
+                first += len(held[0])
+            held = batch
+            del batch
     except InputRejected as exc:
+        await rt.store.clear_claim(job)
         await refuse(rt, job, name, work, exc, sha256)
         return
-    records, requests = prepared
-    # Claims run side by side, but "which texts are already known" and storing this
+    del data, batches
+    # Claims run side by side, but "which texts are already known" and queueing this
     # file's requests happen as one step, so a text shared by two files dropped together
     # is billed to one of them and marked cached in the other.
     async with rt.queue_lock:
-        known = await rt.store.known_keys(q.key for q in requests)
-        new_records = _mark_cached(records, known)
-        await rt.store.queue_file(
+        count, tokens, cached = await rt.store.queue_staged(
             job,
+            last=None if held is None else (first, *held),
             sha256=sha256,
-            size=len(data),
-            records=new_records,
-            requests=[q for q in requests if q.key not in known],
+            size=size,
             lane=lane,
             now=rt.clock(),
         )
     rt.log.info(
-        "file.queued",
-        file=name,
-        job=job,
-        lane=lane,
-        records=len(new_records),
-        tokens=sum(r.tokens for r in new_records),
-        cached=sum(r.cached for r in new_records),
+        "file.queued", file=name, job=job, lane=lane, records=count, tokens=tokens, cached=cached
     )
 
 
@@ -268,73 +276,134 @@ def _failed_name(name: str) -> str:
     return f"{raw[:120].decode('utf-8', 'surrogateescape')}…{digest}"
 
 
-PreparedRecord = tuple[Record, int, list[tuple[str, Chunk]]]
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
-def _prepare(rt: Runtime, name: str, data: bytes) -> tuple[list[PreparedRecord], list[NewRequest]]:
-    """Parse and tokenize (CPU work, run in a thread). Raises InputRejected."""
-    s = rt.settings
-    records = parse_document(name, data)
-    token_lists = rt.tokenizer.encode_batch([r.text for r in records])
-    prepared: list[PreparedRecord] = []
-    requests: dict[str, NewRequest] = {}
-    problems: list[dict[str, Any]] = []
-    for record, tokens in zip(records, token_lists, strict=True):
+# Records stored in one transaction (a file of up to this much text is queued in one
+# step, its texts written once), and records tokenized in one call (tiktoken's lists
+# of Python ints, 36 bytes a token, exist for one such call at a time).
+BATCH_CHARS = 4 << 20
+TOKENIZE_CHARS = 2 << 20
+
+
+def _batches(records: Iterable[Record], limit: int = BATCH_CHARS) -> Iterator[list[Record]]:
+    batch: list[Record] = []
+    chars = 0
+    for record in records:
+        batch.append(record)
+        chars += len(record.text)
+        if chars >= limit:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _whole_text(rt: Runtime, name: str, data: bytes) -> Iterator[tuple[Record, TokenIds]]:
+    """A big text file (one record) tokenized straight from its bytes, a piece at a
+    time: the text never exists as one string (which for non-Latin text takes 2 or 4
+    bytes a character). Same checks and messages as `documents` (SPEC §2)."""
+    skip = len(BOM) if data.startswith(BOM) else 0
+    nul = data.find(b"\x00", skip)
+    if nul >= 0:
+        raise InputRejected(f"{name} contains a NUL byte at byte offset {nul}.")
+    parts: list[npt.NDArray[np.uint32]] = []
+    carry = ""
+    blank = True
+    pos = skip
+    while pos < len(data):
+        end = min(len(data), pos + PIECE_CHARS)
         try:
-            chunks = plan_chunks(
-                record.text,
-                tokens,
-                s.inputs_max_tokens,
-                cast(LongPolicy, s.inputs_long),
-                record_id=record.id,
-            )
-        except InputRejected as exc:
-            problems.extend(exc.records)
-            continue
-        keyed = [(request_key(s.openai_model, s.openai_dimensions, c.input), c) for c in chunks]
-        for key, chunk in keyed:
-            if key not in requests:
-                text_bytes = (
-                    len(chunk.input.encode("utf-8"))
-                    if isinstance(chunk.input, str)
-                    else 4 * chunk.tokens
+            text, used = codecs.utf_8_decode(data[pos:end], "strict", end == len(data))
+        except UnicodeDecodeError as exc:
+            raise InputRejected(
+                f"{name} is not valid UTF-8: byte offset {pos + exc.start} ({exc.reason})."
+            ) from None
+        pos += used
+        text = carry + text
+        blank = blank and not text.strip()
+        cut = len(text) if pos >= len(data) else cut_point(text, 0, len(text))
+        parts.append(rt.tokenizer.encode_compact(text[:cut]))
+        carry = text[cut:]
+    if blank:
+        error = "text is empty or whitespace only"
+        raise InputRejected(f"{name}: {error}.", records=[{"id": name, "error": error}])
+    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
+    if len(tokens) <= rt.settings.inputs_max_tokens:  # short after all: send the text
+        yield from _tokenized(rt, [*iter_document(name, data)])
+        return
+    yield Record(name, "", None, None), tokens
+
+
+def _tokenized(rt: Runtime, batch: Sequence[Record]) -> Iterator[tuple[Record, TokenIds]]:
+    """Each record with its token ids; a long text's as a compact uint32 array."""
+    limit = rt.settings.inputs_max_tokens
+    for part in _batches(batch, TOKENIZE_CHARS):
+        short = [r.text for r in part if len(r.text) <= PIECE_CHARS]
+        ids_of_short = iter(rt.tokenizer.encode_batch(short))
+        del short
+        for record in part:
+            if len(record.text) > PIECE_CHARS:
+                yield record, rt.tokenizer.encode_compact(record.text)
+                continue
+            ids = next(ids_of_short)
+            yield record, ids if len(ids) <= limit else np.asarray(ids, dtype=np.uint32)
+
+
+def _prepared_batches(
+    rt: Runtime, name: str, data: bytes
+) -> Iterator[tuple[list[NewRecord], list[NewRequest]]]:
+    """Parse, tokenize and key the file's records a batch at a time (CPU work: each
+    step runs in a worker thread). Raises InputRejected when the file is refused;
+    per-record problems are all reported at the end, and once there is one no more
+    batches are produced. `cached` is decided later, when the file is queued."""
+    s = rt.settings
+    problems: list[dict[str, Any]] = []
+    whole_text = not name.lower().endswith((".json", ".jsonl")) and len(data) > 4 * PIECE_CHARS
+    batches = [[]] if whole_text else _batches(iter_document(name, data))
+    for batch in batches:
+        records: list[NewRecord] = []
+        requests: dict[str, NewRequest] = {}
+        tokenized = _whole_text(rt, name, data) if whole_text else _tokenized(rt, batch)
+        for record, tokens in tokenized:
+            try:
+                chunks = plan_chunks(
+                    record.text,
+                    tokens,
+                    s.inputs_max_tokens,
+                    cast(LongPolicy, s.inputs_long),
+                    record_id=record.id,
                 )
-                line = encode_request_line(key, chunk.input, s.openai_model, s.send_dimensions)
-                requests[key] = NewRequest(
-                    key=key,
-                    input=chunk.input,
-                    tokens=chunk.tokens,
-                    qtokens=queue_tokens_estimate(chunk.tokens, text_bytes),
-                    nbytes=len(line),
-                )
-        prepared.append((record, len(tokens), keyed))
+            except InputRejected as exc:
+                problems.extend(exc.records)
+                continue
+            pieces: list[tuple[str, int]] = []
+            for chunk in chunks:
+                # token windows go in their stored form, made once: the key hashes it too
+                value = chunk.input if isinstance(chunk.input, str) else encode_input(chunk.input)
+                key = request_key(s.openai_model, s.openai_dimensions, value)
+                pieces.append((key, chunk.tokens))
+                if key not in requests:
+                    text_bytes = len(value.encode()) if chunk.input is value else 4 * chunk.tokens
+                    requests[key] = NewRequest(
+                        key=key,
+                        input=value,
+                        tokens=chunk.tokens,
+                        qtokens=queue_tokens_estimate(chunk.tokens, text_bytes),
+                        nbytes=request_line_size(
+                            key, chunk.input, s.openai_model, s.send_dimensions
+                        ),
+                    )
+            records.append(NewRecord(record.id, record.meta, len(tokens), pieces, cached=False))
+        if not problems:
+            yield records, list(requests.values())
     if problems:
         raise InputRejected(
             f"{name} has {len(problems)} record(s) over {s.inputs_max_tokens} tokens "
             f'and [inputs] long = "fail"; first: {problems[0]["id"]!r}.',
             records=problems,
         )
-    return prepared, list(requests.values())
-
-
-def _mark_cached(records: Sequence[PreparedRecord], known: set[str]) -> list[NewRecord]:
-    """A record is cached when every piece was embedded or queued before it."""
-    seen = set(known)
-    out: list[NewRecord] = []
-    for record, ntokens, keyed in records:
-        keys = [k for k, _ in keyed]
-        cached = all(k in seen for k in keys)
-        seen.update(keys)
-        out.append(
-            NewRecord(
-                rid=record.id,
-                meta=record.meta,
-                tokens=ntokens,
-                pieces=[(k, c.tokens) for k, c in keyed],
-                cached=cached,
-            )
-        )
-    return out
 
 
 def _fsync_both(a: Path, b: Path) -> None:

@@ -29,6 +29,7 @@ from prometheus_client.registry import Collector
 from embedd import metrics
 from embedd.runtime import Runtime
 from embedd.states import SHARD_IN_FLIGHT
+from embedd.vectors import cache_bytes
 
 # Requests still waiting in the queue: not yet in a batch, or in one in flight.
 QUEUE_STATES = ("pending", "planned")
@@ -119,12 +120,8 @@ async def read_snapshot(rt: Runtime) -> StateSnapshot:
     pending = [await rt.store.oldest_pending(lane) for lane in ("batch", "sync")]
     oldest = min((t for t in pending if t is not None), default=None)
     state_dir = rt.paths.state_dir
-    vectors_dir = state_dir / "vectors"
     state_bytes = await asyncio.to_thread(folder_bytes, state_dir)
-    if await asyncio.to_thread(vectors_dir.is_dir):
-        dedup = await asyncio.to_thread(folder_bytes, vectors_dir)
-    else:
-        dedup = await rt.store.vectors_bytes()
+    dedup = await asyncio.to_thread(cache_bytes, state_dir / "vectors")
     return StateSnapshot(
         requests=counts["requests"],
         batches=batches,

@@ -24,13 +24,24 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
+import numpy as np
+import numpy.typing as npt
 
 from embedd.crashpoints import fault_point
 from embedd.errors import FatalError
 from embedd.states import (
+    FILE_ACTIVE,
     FILE_TRANSITIONS,
     SHARD_TRANSITIONS,
     sources,
+)
+from embedd.vectors import (
+    SegmentInfo,
+    SegmentReader,
+    SegmentWriter,
+    VectorLike,
+    remove_segments,
+    segment_files,
 )
 
 MIGRATIONS: tuple[str, ...] = (
@@ -202,9 +213,49 @@ MIGRATIONS: tuple[str, ...] = (
         settled_at REAL
     );
     """,
+    # vectors move out of the database into segment files under state/vectors/
+    # (SPEC §9): `vectors` keeps where each key's row is, `segments` what each file
+    # holds and when it was last used. The old blobs are dropped: the dedup cache
+    # starts empty, and the vectors of files not yet delivered are embedded again.
+    # `staged`: the requests of a file being claimed, stored in batches (SPEC §9).
+    """
+    DROP TABLE vectors;
+    CREATE TABLE vectors (
+        key TEXT PRIMARY KEY,
+        segment INTEGER NOT NULL,
+        row INTEGER NOT NULL,
+        tokens INTEGER,
+        origin TEXT,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX vectors_segment ON vectors(segment);
+    CREATE TABLE segments (
+        id INTEGER PRIMARY KEY,
+        dims INTEGER NOT NULL,
+        capacity INTEGER NOT NULL,
+        rows INTEGER NOT NULL,
+        bytes INTEGER NOT NULL,
+        created_at REAL NOT NULL,
+        used_at REAL NOT NULL
+    );
+    CREATE TABLE staged (
+        job TEXT NOT NULL,
+        key TEXT NOT NULL,
+        input TEXT NOT NULL,
+        tokens INTEGER NOT NULL,
+        qtokens INTEGER NOT NULL,
+        nbytes INTEGER NOT NULL,
+        PRIMARY KEY (job, key)
+    );
+    UPDATE requests SET state = 'pending', shard = NULL WHERE state = 'done' AND key IN (
+        SELECT p.key FROM pieces p JOIN files f ON f.job = p.job
+        WHERE f.state IN ('queued', 'writing'));
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
+FILE_FINISHED = frozenset({"done", "failed"})
+_ACTIVE_SQL = "(" + ", ".join(f"'{s}'" for s in sorted(FILE_ACTIVE)) + ")"
 
 
 def db_text(text: str) -> str:
@@ -238,7 +289,7 @@ class NewRequest:
     """A unique input to embed."""
 
     key: str
-    input: str | list[int]
+    input: str | list[int]  # token ids may come already in their stored form (encode_input)
     tokens: int
     qtokens: int
     nbytes: int
@@ -259,6 +310,11 @@ class Store:
         self._db = db
         self.path = path
         self._lock = asyncio.Lock()
+        self.vectors_dir = path.parent / "vectors"
+        self.segments = SegmentWriter(self.vectors_dir)
+        # Held from a segment write until the index rows naming it commit, and while
+        # segments are dropped: a segment is never dropped under a write in flight.
+        self._vector_lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: Path) -> Store:
@@ -271,7 +327,10 @@ class Store:
             await db.execute("PRAGMA synchronous=FULL")
             await db.execute("PRAGMA foreign_keys=ON")
             await db.execute("PRAGMA busy_timeout=10000")
+            # Deleted texts are overwritten, not left in free pages (SPEC §9).
+            await db.execute("PRAGMA secure_delete=ON")
             await store._migrate()
+            await store._resume_segments()
         except BaseException:
             # aiosqlite's worker thread is not a daemon: a connection left open here
             # would keep the process alive after the error is reported.
@@ -280,7 +339,16 @@ class Store:
         return store
 
     async def close(self) -> None:
+        self.segments.close()
         await self._db.close()
+
+    async def _resume_segments(self) -> None:
+        row = await self._one(
+            "SELECT id, dims, capacity, rows, bytes FROM segments ORDER BY id DESC LIMIT 1"
+        )
+        last = None if row is None else SegmentInfo(*(int(v) for v in row))
+        on_disk = await asyncio.to_thread(segment_files, self.vectors_dir)
+        await asyncio.to_thread(self.segments.resume, last, max(on_disk, default=0))
 
     async def _migrate(self) -> None:
         async with self._db.execute("PRAGMA user_version") as cur:
@@ -424,11 +492,128 @@ class Store:
                     "UPDATE requests SET lane = 'sync' WHERE key = ? AND state = 'pending'",
                     [(q.key,) for q in requests],
                 )
+            # A text met again is a use of its cached vector: its segment is kept longer.
+            await tx.execute(
+                "UPDATE segments SET used_at = MAX(used_at, ?) WHERE id IN ("
+                " SELECT v.segment FROM pieces p JOIN vectors v ON v.key = p.key WHERE p.job = ?)",
+                (now, job),
+            )
             await tx.execute(
                 "UPDATE files SET state = 'queued', sha256 = ?, size = ?, records = ?, "
                 "tokens = ?, queued_at = ? WHERE job = ? AND state = 'claiming'",
                 (sha256, size, len(records), sum(r.tokens for r in records), now, job),
             )
+
+    async def clear_claim(self, job: str) -> None:
+        """Forget what an interrupted claim of `job` stored, to store it again."""
+        async with self.transaction() as tx:
+            for table in ("pieces", "records", "staged"):
+                await tx.execute(f"DELETE FROM {table} WHERE job = ?", (job,))
+
+    async def stage(
+        self,
+        job: str,
+        first: int,
+        records: Sequence[NewRecord],
+        requests: Sequence[NewRequest],
+    ) -> None:
+        """Store one batch of a file being claimed: its records (numbered from `first`),
+        their pieces, and its requests set aside until `queue_staged`."""
+        async with self.transaction() as tx:
+            await _insert_records(tx, job, first, records)
+            await tx.executemany(
+                "INSERT OR IGNORE INTO staged (job, key, input, tokens, qtokens, nbytes) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (job, q.key, encode_input(q.input), q.tokens, q.qtokens, q.nbytes)
+                    for q in requests
+                ],
+            )
+
+    async def queue_staged(
+        self,
+        job: str,
+        *,
+        last: tuple[int, Sequence[NewRecord], Sequence[NewRequest]] | None = None,
+        sha256: str,
+        size: int,
+        lane: str,
+        now: float,
+    ) -> tuple[int, int, int]:
+        """Queue a file whose batches are all staged, in one transaction: store the
+        `last` batch (first index, records, requests: it goes straight to the queue,
+        so a file of one batch never writes its texts twice), mark records whose every
+        piece was embedded or queued before (or earlier in this file) as cached, turn
+        the requests into pending ones, and mark the file queued.
+        Returns (records, tokens, cached records)."""
+        async with self.transaction() as tx:
+            if last is not None:
+                await _insert_records(tx, job, last[0], last[1])
+            await tx.execute(
+                "UPDATE records SET cached = NOT EXISTS ("
+                " SELECT 1 FROM pieces p WHERE p.job = records.job AND p.idx = records.idx"
+                " AND NOT EXISTS (SELECT 1 FROM vectors v WHERE v.key = p.key)"
+                " AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.key = p.key"
+                "  AND r.state != 'failed')"
+                # (the unary + keeps SQLite on the key index, not a scan of the job's pieces)
+                " AND NOT EXISTS (SELECT 1 FROM pieces q WHERE q.key = p.key AND +q.job = p.job"
+                "  AND +q.idx < p.idx)"
+                ") WHERE job = ?",
+                (job,),
+            )
+            # As in queue_file: an embedded text needs no request, a queued one is
+            # shared, one that failed before gets a fresh chance.
+            await tx.execute(
+                "INSERT INTO requests (key, input, tokens, qtokens, nbytes, lane, state, queued_at) "
+                "SELECT key, input, tokens, qtokens, nbytes, ?, 'pending', ? FROM staged s "
+                "WHERE s.job = ? AND NOT EXISTS (SELECT 1 FROM vectors v WHERE v.key = s.key) "
+                "ON CONFLICT(key) DO UPDATE SET state = 'pending', attempts = 0, error = NULL, "
+                "shard = NULL, queued_at = excluded.queued_at, lane = excluded.lane "
+                "WHERE requests.state = 'failed'",
+                (lane, now, job),
+            )
+            final = [] if last is None else last[2]
+            await tx.executemany(
+                "INSERT INTO requests (key, input, tokens, qtokens, nbytes, lane, state, queued_at) "
+                "SELECT ?, ?, ?, ?, ?, ?, 'pending', ? "
+                "WHERE NOT EXISTS (SELECT 1 FROM vectors WHERE key = ?) "
+                "ON CONFLICT(key) DO UPDATE SET state = 'pending', attempts = 0, error = NULL, "
+                "shard = NULL, queued_at = excluded.queued_at, lane = excluded.lane "
+                "WHERE requests.state = 'failed'",
+                [
+                    (q.key, encode_input(q.input), q.tokens, q.qtokens, q.nbytes, lane, now, q.key)
+                    for q in final
+                ],
+            )
+            if lane == "sync":
+                await tx.execute(
+                    "UPDATE requests SET lane = 'sync' WHERE state = 'pending' AND key IN "
+                    "(SELECT key FROM staged WHERE job = ?)",
+                    (job,),
+                )
+                await tx.executemany(
+                    "UPDATE requests SET lane = 'sync' WHERE key = ? AND state = 'pending'",
+                    [(q.key,) for q in final],
+                )
+            await tx.execute("DELETE FROM staged WHERE job = ?", (job,))
+            await tx.execute(
+                "UPDATE segments SET used_at = MAX(used_at, ?) WHERE id IN ("
+                " SELECT v.segment FROM pieces p JOIN vectors v ON v.key = p.key WHERE p.job = ?)",
+                (now, job),
+            )
+            cur = await tx.execute(
+                "SELECT COUNT(*), COALESCE(SUM(tokens), 0), COALESCE(SUM(cached), 0) "
+                "FROM records WHERE job = ?",
+                (job,),
+            )
+            row = await cur.fetchone()
+            records, tokens, cached = (int(v) for v in row) if row else (0, 0, 0)
+            await tx.execute(
+                "UPDATE files SET state = 'queued', sha256 = ?, size = ?, records = ?, "
+                "tokens = ?, queued_at = ? WHERE job = ? AND state = 'claiming'",
+                (sha256, size, records, tokens, now, job),
+            )
+        return records, tokens, cached
 
     async def known_keys(self, keys: Iterable[str]) -> set[str]:
         """Which of `keys` are embedded already or queued (for the manifest's `cached`)."""
@@ -455,7 +640,113 @@ class Store:
                 f"UPDATE files SET state = ?{sets} WHERE job = ? AND state IN ({marks})",
                 (new, *fields.values(), job, *olds),
             )
-            return cur.rowcount == 1
+            moved = cur.rowcount == 1
+            if moved and new in FILE_FINISHED:
+                await _forget_texts(tx, job)
+        if moved and new in FILE_FINISHED:
+            await self.checkpoint()
+        return moved
+
+    async def checkpoint(self) -> None:
+        """Copy the WAL into the database and truncate it to nothing, so texts deleted
+        with `secure_delete` leave no old copy in `-wal` either. Best effort: a reader
+        in the middle of a read keeps the WAL until a later checkpoint."""
+        async with self._lock:
+            # Never wait for readers (a delivery streaming vectors): if one is reading,
+            # this pass does what it can and a later one (each retention pass) finishes.
+            await self._db.execute("PRAGMA busy_timeout=0")
+            try:
+                await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                await self._db.execute("PRAGMA busy_timeout=10000")
+
+    async def forget_orphan_texts(self) -> int:
+        """Delete the texts of requests no unfinished file needs any more (those that
+        were still in a batch when their file finished); return how many."""
+        async with self.transaction() as tx:
+            cur = await tx.execute(
+                "DELETE FROM requests WHERE state != 'planned' AND NOT EXISTS ("
+                " SELECT 1 FROM pieces p JOIN files f ON f.job = p.job"
+                f" WHERE p.key = requests.key AND f.state IN {_ACTIVE_SQL})"
+            )
+            count = cur.rowcount
+        if count:
+            await self.checkpoint()
+        return count
+
+    async def prune_finished(self, before: float) -> int:
+        """Delete the rows of files that finished before `before` (records, pieces, the
+        file) and of shards that ended before it; the ledger stays. Returns files pruned."""
+        old = (
+            "SELECT job FROM files WHERE state IN ('done', 'failed') "
+            "AND COALESCE(completed_at, queued_at, claimed_at) < ?"
+        )
+        async with self.transaction() as tx:
+            await tx.execute(f"DELETE FROM pieces WHERE job IN ({old})", (before,))
+            await tx.execute(f"DELETE FROM records WHERE job IN ({old})", (before,))
+            cur = await tx.execute(f"DELETE FROM files WHERE job IN ({old})", (before,))
+            count = cur.rowcount
+            await tx.execute(
+                "DELETE FROM shards WHERE state IN ('collected', 'abandoned') "
+                "AND COALESCE(ended_at, submitted_at, created_at) < ?",
+                (before,),
+            )
+        return count
+
+    async def vector_bytes(self) -> int:
+        """Bytes of the segment files the index knows (each counted at full size)."""
+        row = await self._one("SELECT COALESCE(SUM(bytes), 0) FROM segments")
+        return int(row[0]) if row else 0
+
+    async def prune_vectors(
+        self, *, max_bytes: int, keep: float, now: float, sweep: bool = True
+    ) -> list[int]:
+        """Drop whole segments, least recently used first: every segment unused for
+        `keep` seconds, then more until the rest fit in `max_bytes`. The segment being
+        filled and any holding a vector an unfinished file still needs stay. Their
+        keys lose their vectors (a text that comes back is embedded again). Files on
+        disk that no index row names (a crash before the index committed) go too
+        (`sweep=False` skips that, and all the work when nothing is over its bound).
+        Returns the segments dropped."""
+        async with self._vector_lock:
+            row = await self._one("SELECT COALESCE(SUM(bytes), 0), MIN(used_at) FROM segments")
+            within = row is None or (
+                int(row[0]) <= max_bytes and (row[1] is None or float(row[1]) >= now - keep)
+            )
+            if within and not sweep:
+                return []  # the usual case, cheap: nothing is due
+            segments = await self._all(
+                "SELECT id, bytes, used_at FROM segments ORDER BY used_at, id"
+            )
+            pinned = {
+                int(r[0])
+                for r in await self._all(
+                    "SELECT DISTINCT v.segment FROM files f JOIN pieces p ON p.job = f.job "
+                    f"JOIN vectors v ON v.key = p.key WHERE f.state IN {_ACTIVE_SQL}"
+                )
+            }
+            active = self.segments.active_id
+            total = sum(int(r["bytes"]) for r in segments)
+            drop: list[int] = []
+            for r in segments:
+                seg = int(r["id"])
+                if seg == active or seg in pinned:
+                    continue
+                if float(r["used_at"]) < now - keep or total > max_bytes:
+                    drop.append(seg)
+                    total -= int(r["bytes"])
+            if drop:
+                async with self.transaction() as tx:
+                    for start in range(0, len(drop), 500):
+                        part = drop[start : start + 500]
+                        marks = ",".join("?" * len(part))
+                        await tx.execute(f"DELETE FROM vectors WHERE segment IN ({marks})", part)
+                        await tx.execute(f"DELETE FROM segments WHERE id IN ({marks})", part)
+            known = {int(r["id"]) for r in segments} - set(drop)
+            on_disk = await asyncio.to_thread(segment_files, self.vectors_dir)
+            strays = [seg for seg in on_disk if seg not in known and seg != active]
+            await asyncio.to_thread(remove_segments, self.vectors_dir, [*drop, *strays])
+        return drop
 
     async def ready_files(self) -> list[aiosqlite.Row]:
         """Queued files whose every piece has a vector or a request that failed for good."""
@@ -486,9 +777,12 @@ class Store:
 
     # ---- requests and shards -----------------------------------------------------
 
-    async def pending(self, lane: str, limit: int) -> list[Pending]:
+    async def pending(self, lane: str, limit: int, *, inputs: bool = True) -> list[Pending]:
+        """The oldest pending requests; with `inputs=False` their `input` is left empty
+        (planning needs only sizes: a shard's texts are read by `request_inputs`)."""
+        column = "input" if inputs else "'' AS input"
         rows = await self._all(
-            "SELECT key, input, tokens, qtokens, nbytes, queued_at, attempts FROM requests "
+            f"SELECT key, {column}, tokens, qtokens, nbytes, queued_at, attempts FROM requests "
             "WHERE state = 'pending' AND lane = ? ORDER BY queued_at, key LIMIT ?",
             (lane, limit),
         )
@@ -663,13 +957,28 @@ class Store:
         return None if row is None else str(row[0])
 
     async def add_vectors(
-        self, vectors: Sequence[tuple[str, bytes, int | None]], *, origin: str, now: float
+        self, vectors: Sequence[tuple[str, VectorLike, int | None]], *, origin: str, now: float
     ) -> None:
-        """Store vectors and mark their requests done (idempotent: repeats change nothing)."""
+        """Store vectors and mark their requests done (idempotent: repeats change nothing).
+
+        `vectors`: (key, float32 row as bytes or array, tokens). The rows go to the
+        segment files first (durable), then their index rows commit.
+        """
         if not vectors:
             return
-        async with self.transaction() as tx:
-            await _insert_vectors(tx, vectors, origin, now)
+        async with self._vector_lock:
+            located = await self._write_segments(vectors)
+            async with self.transaction() as tx:
+                await _insert_vectors(tx, located, origin, now)
+
+    async def _write_segments(
+        self, vectors: Sequence[tuple[str, VectorLike, int | None]]
+    ) -> _Located:
+        if not vectors:
+            return [], []
+        slots, infos = await asyncio.to_thread(self.segments.write, [v for _, v, _ in vectors])
+        rows = [(k, seg, row, t) for (k, _, t), (seg, row) in zip(vectors, slots, strict=True)]
+        return rows, infos
 
     async def queue_tokens_in_flight(self) -> int:
         row = await self._one(
@@ -678,16 +987,11 @@ class Store:
         )
         return int(row[0]) if row else 0
 
-    async def vectors_bytes(self) -> int:
-        """Bytes of the stored vectors (the dedup cache, while it lives in this table)."""
-        row = await self._one("SELECT COALESCE(SUM(LENGTH(vector)), 0) FROM vectors")
-        return int(row[0]) if row else 0
-
     async def apply_results(
         self,
         *,
         shard: str | None,
-        vectors: Sequence[tuple[str, bytes, int | None]],
+        vectors: Sequence[tuple[str, VectorLike, int | None]],
         origin: str,
         retry: Sequence[tuple[str, str]],
         fail: Sequence[tuple[str, str]],
@@ -702,8 +1006,26 @@ class Store:
         `max_retries`; `fail`: (key, error) for good; `requeue`: keys sent back to
         pending at no cost to their retry count; `ledger`: (id, ts, kind, json line).
         """
+        async with self._vector_lock:
+            located = await self._write_segments(vectors)
+            await self._apply_results(
+                located, shard, origin, retry, fail, requeue, max_retries, ledger, now
+            )
+
+    async def _apply_results(
+        self,
+        located: _Located,
+        shard: str | None,
+        origin: str,
+        retry: Sequence[tuple[str, str]],
+        fail: Sequence[tuple[str, str]],
+        requeue: Sequence[str],
+        max_retries: int,
+        ledger: tuple[str, str, str, str] | None,
+        now: float,
+    ) -> None:
         async with self.transaction() as tx:
-            await _insert_vectors(tx, vectors, origin, now)
+            await _insert_vectors(tx, located, origin, now)
             await tx.executemany(
                 "UPDATE requests SET attempts = attempts + 1, error = ?, shard = NULL, "
                 "state = CASE WHEN attempts + 1 > ? THEN 'failed' ELSE 'pending' END "
@@ -824,37 +1146,120 @@ class Store:
         return out
 
 
-async def _insert_vectors(
-    tx: _Tx, vectors: Sequence[tuple[str, bytes, int | None]], origin: str, now: float
-) -> None:
+async def _insert_records(tx: _Tx, job: str, first: int, records: Sequence[NewRecord]) -> None:
+    """A batch of a file's records (numbered from `first`) and their pieces."""
     await tx.executemany(
-        "INSERT OR IGNORE INTO vectors (key, vector, tokens, origin, created_at) "
-        "VALUES (?, ?, ?, ?, ?)",
-        [(k, v, t, origin, now) for k, v, t in vectors],
+        "INSERT INTO records (job, idx, rid, meta, tokens, chunks, cached) "
+        "VALUES (?, ?, ?, ?, ?, ?, 0)",
+        [
+            (
+                job,
+                first + i,
+                r.rid,
+                None if r.meta is None else json.dumps(r.meta, ensure_ascii=False),
+                r.tokens,
+                len(r.pieces),
+            )
+            for i, r in enumerate(records)
+        ],
+    )
+    await tx.executemany(
+        "INSERT INTO pieces (job, idx, chunk, key, tokens) VALUES (?, ?, ?, ?, ?)",
+        [
+            (job, first + i, c, key, tokens)
+            for i, r in enumerate(records)
+            for c, (key, tokens) in enumerate(r.pieces)
+        ],
+    )
+
+
+# (key, segment, row, tokens) of rows already in their segments, and those segments.
+_Located = tuple[list[tuple[str, int, int, int | None]], list[SegmentInfo]]
+
+
+async def _insert_vectors(tx: _Tx, located: _Located, origin: str, now: float) -> None:
+    rows, segments = located
+    if not rows:
+        return
+    await tx.executemany(
+        "INSERT INTO segments (id, dims, capacity, rows, bytes, created_at, used_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+        "rows = MAX(rows, excluded.rows), used_at = MAX(used_at, excluded.used_at)",
+        [(g.id, g.dims, g.capacity, g.rows, g.bytes, now, now) for g in segments],
+    )
+    # A key that already has a vector keeps it; the new row is dead space.
+    await tx.executemany(
+        "INSERT OR IGNORE INTO vectors (key, segment, row, tokens, origin, created_at) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        [(k, seg, row, t, origin, now) for k, seg, row, t in rows],
     )
     await tx.executemany(
         "UPDATE requests SET state = 'done', error = NULL WHERE key = ? "
         "AND state IN ('pending', 'planned')",
-        [(k,) for k, _, _ in vectors],
+        [(k,) for k, _, _, _ in rows],
     )
 
 
-def piece_vectors(db_path: Path, job: str, fetch: int = 256) -> Iterator[tuple[int, int, bytes]]:
-    """(record index, tokens, float32 bytes) of each piece of `job`, in record order.
+def piece_vectors(
+    db_path: Path, job: str, fetch: int = 256
+) -> Iterator[tuple[int, int, npt.NDArray[np.float32]]]:
+    """(record index, tokens, float32 row) of each piece of `job`, in record order.
 
     A plain blocking generator on its own read-only connection (WAL lets it read while
-    the daemon writes), for a worker thread that writes the `.npy` row by row: only
-    `fetch` vectors are in memory at a time, never the whole file's.
+    the daemon writes), for a worker thread that writes the `.npy` row by row: rows
+    are read from the segment files one at a time, never the whole file's. The
+    segments of a file not yet done are never dropped (see `prune_vectors`).
     """
     conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30.0)
+    reader = SegmentReader(db_path.parent / "vectors")
     try:
         cur = conn.execute(
-            "SELECT p.idx, p.tokens, v.vector FROM pieces p JOIN vectors v ON v.key = p.key "
+            "SELECT p.idx, p.tokens, v.segment, v.row, s.dims FROM pieces p "
+            "JOIN vectors v ON v.key = p.key JOIN segments s ON s.id = v.segment "
             "WHERE p.job = ? ORDER BY p.idx, p.chunk",
             (job,),
         )
         while rows := cur.fetchmany(fetch):
-            yield from rows
+            for idx, tokens, segment, row, dims in rows:
+                yield idx, tokens, reader.row(segment, row, dims)
+    finally:
+        reader.close()
+        conn.close()
+
+
+async def _forget_texts(tx: _Tx, job: str) -> None:
+    """A finished file's texts leave the database (SPEC §9): its requests that no
+    unfinished file shares are deleted (a request still in a batch keeps its row
+    until `forget_orphan_texts` finds it answered), and its records' `meta` too.
+    Dedup needs only the key and the vector index, never the text."""
+    await tx.execute(
+        "DELETE FROM requests WHERE key IN (SELECT key FROM pieces WHERE job = ?) "
+        "AND state != 'planned' AND NOT EXISTS ("
+        " SELECT 1 FROM pieces p JOIN files f ON f.job = p.job"
+        f" WHERE p.key = requests.key AND f.state IN {_ACTIVE_SQL})",
+        (job,),
+    )
+    await tx.execute("UPDATE records SET meta = NULL WHERE job = ? AND meta IS NOT NULL", (job,))
+    await tx.execute("DELETE FROM staged WHERE job = ?", (job,))  # a claim that failed
+
+
+def request_inputs(
+    db_path: Path, keys: Sequence[str], fetch: int = 32
+) -> Iterator[tuple[str, str | list[int]]]:
+    """(key, input) of each of `keys` that has a request, in the order given, read
+    `fetch` at a time on a read-only connection (a blocking generator for a worker
+    thread: a shard of 190 MB is written without holding its texts all at once)."""
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30.0)
+    try:
+        for start in range(0, len(keys), fetch):
+            part = keys[start : start + fetch]
+            marks = ",".join("?" * len(part))
+            rows = dict(
+                conn.execute(f"SELECT key, input FROM requests WHERE key IN ({marks})", part)
+            )
+            for key in part:
+                if key in rows:
+                    yield key, _decode_input(rows.pop(key))
     finally:
         conn.close()
 
@@ -887,8 +1292,10 @@ def _decode_input(raw: str) -> str | list[int]:
     return raw
 
 
-def encode_input(value: str | list[int]) -> str:
+def encode_input(value: str | list[int] | npt.NDArray[np.uint32]) -> str:
     """How a request's input is stored: the text, or a marked JSON array of token ids."""
     if isinstance(value, str):
         return value
+    if isinstance(value, np.ndarray):
+        return "\x00tokens:" + json.dumps(value.tolist())
     return "\x00tokens:" + json.dumps(value)

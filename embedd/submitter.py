@@ -41,7 +41,7 @@ from embedd.planner import ShardLimits, cut_shard, should_submit
 from embedd.runtime import Runtime
 from embedd.spool import fsync_dir
 from embedd.states import BATCH_TERMINAL
-from embedd.store import Pending, new_id
+from embedd.store import new_id, request_inputs
 
 METADATA_KEY = "embedd_shard"
 UPLOAD_PREFIX = "embedd-"
@@ -269,7 +269,7 @@ async def plan_one(rt: Runtime) -> str | None:
     headroom = rt.queue_limit - await rt.store.queue_tokens_in_flight()
     if headroom <= 0:
         return None
-    pending = await rt.store.pending("batch", s.batch_max_lines)
+    pending = await rt.store.pending("batch", s.batch_max_lines, inputs=False)
     limits = ShardLimits(s.batch_max_lines, s.batch_max_bytes, rt.queue_limit)
     cut = cut_shard(pending, limits, headroom)
     oldest = await rt.store.oldest_pending("batch")
@@ -280,7 +280,7 @@ async def plan_one(rt: Runtime) -> str | None:
     shard = new_id("shard")
     chosen = {k for k in cut.keys}
     path = shards_dir(rt) / f"{shard}.jsonl"
-    await asyncio.to_thread(_write_shard, rt, path, [p for p in pending if p.key in chosen])
+    await asyncio.to_thread(_write_shard, rt, path, [p.key for p in pending if p.key in chosen])
     await rt.store.create_shard(
         shard,
         path=path,
@@ -301,13 +301,14 @@ async def plan_one(rt: Runtime) -> str | None:
     return shard
 
 
-def _write_shard(rt: Runtime, path: Path, requests: list[Pending]) -> None:
+def _write_shard(rt: Runtime, path: Path, keys: list[str]) -> None:
     s = rt.settings
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".part")
     with part.open("wb") as f:
-        for req in requests:
-            f.write(encode_request_line(req.key, req.input, s.openai_model, s.send_dimensions))
+        # the texts are read a few hundred at a time, never the whole shard's at once
+        for key, value in request_inputs(rt.store.path, keys):
+            f.write(encode_request_line(key, value, s.openai_model, s.send_dimensions))
         f.flush()
         os.fsync(f.fileno())
     part.rename(path)

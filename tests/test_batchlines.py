@@ -21,6 +21,7 @@ from embedd.batchlines import (
     encode_request_line,
     native_dimensions,
     parse_output_line,
+    request_line_size,
 )
 
 
@@ -346,3 +347,18 @@ def test_plain_output_line_takes_the_fast_path() -> None:
     assert split is not None
     assert _fast_vector(split[1], 3072) is not None
     assert np.array_equal(parse_output_line(line, 3072).vector, vector)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    text=st.text(min_size=1).filter(lambda t: not any(0xD800 <= ord(c) <= 0xDFFF for c in t)),
+    dims=st.sampled_from([None, 256, 1024]),
+)
+def test_request_line_size_is_the_encoded_length(text: str, dims: int | None) -> None:
+    """The size intake records for a request is exactly the line the submitter writes,
+    for any text (escapes, non-ASCII) and for token-id inputs."""
+    key = "ab" * 32
+    for value in (text, [1, 22, 333, 100_000]):
+        line = encode_request_line(key, value, "text-embedding-3-large", dims)
+        assert request_line_size(key, value, "text-embedding-3-large", dims) == len(line)
+        assert json.loads(line)["body"]["input"] == value

@@ -191,4 +191,36 @@ def test_deeply_nested_json_is_refused_not_crashing() -> None:
     """Pathological nesting is a malformed line, not a RecursionError."""
     deep = b'{"text": "a", "m": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     err = reject("n.jsonl", deep)
-    assert "line 1: malformed JSON" in err.message
+    assert "line 1: JSON nested too deep" in err.message
+
+
+@pytest.mark.parametrize(
+    ("line", "error"),
+    [
+        (rb'{"id": "a", "text": "x\ud800y"}', "text contains a lone surrogate escape (\\ud800)"),
+        (rb'{"id": "\udfff", "text": "xy"}', "id contains a lone surrogate escape"),
+        (rb'{"text": "xy", "\ud800": 1}', "a key other than id and text holds a lone surrogate"),
+        (
+            rb'{"text": "xy", "m": ["\udc00"]}',
+            "a key other than id and text holds a lone surrogate",
+        ),
+        (
+            b'{"text": "xy", "m": ' + b"[" * 400 + b"]" * 400 + b"}",
+            "the extra keys are nested too deep",
+        ),
+    ],
+)
+def test_unstorable_json_strings_are_refused_with_their_line(line: bytes, error: str) -> None:
+    """A lone surrogate escape (in the text, the id or any other key) or extra keys
+    nested deeper than can be stored are refused with the line, not crashing the
+    daemon later when the text is encoded as UTF-8 or the meta written."""
+    err = reject("s.jsonl", b'{"id": "ok", "text": "fine"}\n' + line + b"\n")
+    assert err.message.startswith(f"s.jsonl line 2: {error}")
+    assert err.records[0]["line"] == 2
+    json.dumps(err.records, ensure_ascii=False).encode("utf-8")  # the reason is storable
+
+
+def test_a_surrogate_pair_escape_is_a_character() -> None:
+    """A proper pair of escapes is one character and is accepted."""
+    [record] = parse_document("p.jsonl", rb'{"id": "a", "text": "\ud83d\ude00 ok"}')
+    assert record.text == "\U0001f600 ok"

@@ -14,7 +14,14 @@ import pytest
 
 from embedd.errors import FatalError
 from embedd.states import FILE_TRANSITIONS, REQUEST_TRANSITIONS, SHARD_TRANSITIONS, check_sql
-from embedd.store import MIGRATIONS, SCHEMA_VERSION, NewRecord, NewRequest, Store
+from embedd.store import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    NewRecord,
+    NewRequest,
+    Store,
+    piece_vectors,
+)
 
 NOW = 1_700_000_000.0
 
@@ -385,8 +392,10 @@ async def test_add_vectors_is_idempotent(store: Store) -> None:
     await add_file(store, "job1", ["a"])
     await store.add_vectors([("k:a", b"\x01" * 8, 4)], origin="first", now=NOW)
     await store.add_vectors([("k:a", b"\x02" * 8, 5)], origin="second", now=NOW + 1)
-    rows = peek(store.path, "SELECT key, vector, tokens, origin FROM vectors")
-    assert rows == [("k:a", b"\x01" * 8, 4, "first")]
+    rows = peek(store.path, "SELECT key, tokens, origin FROM vectors")
+    assert rows == [("k:a", 4, "first")]
+    [(idx, tokens, vector)] = list(piece_vectors(store.path, "job1"))
+    assert (idx, tokens, vector.tobytes()) == (0, 1, b"\x01" * 8)
     assert request_row(store, "k:a") == ("done", 0, None, None)
 
 

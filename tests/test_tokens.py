@@ -132,3 +132,18 @@ def test_combine_refuses_bad_input(vectors: np.ndarray, weights: list[int], need
     """Mismatched weights, zero weights, wrong shape, NaN and cancelling vectors are refused."""
     with pytest.raises(ValueError, match=needle):
         combine_chunks(vectors, weights)
+
+
+def test_compact_encoding_in_pieces_gives_the_ids_of_the_whole_text() -> None:
+    """A long text tokenized in small pieces (cut before a space between two words)
+    gives exactly the ids of tokenizing it whole, as a uint32 array; a text without
+    such a space is still tokenized completely."""
+    tok = Tokenizer()
+    text = "Héllo  wörld,\n\nthe 12345 quick  brown fox's 日本語 tokens.\t " * 400
+    whole = tok.encode(text)
+    compact = tok.encode_compact(text, piece_chars=97)
+    assert compact.dtype == np.uint32
+    assert compact.tolist() == whole
+    assert tok.encode_compact("", piece_chars=10).tolist() == []
+    spaceless = "x" * 1000
+    assert tok.decode(tok.encode_compact(spaceless, piece_chars=64).tolist()) == spaceless

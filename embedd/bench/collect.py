@@ -1,7 +1,7 @@
 """collect: a batch output file to ``.npy``, embedd's path against the common one.
 
 embedd's side is the real code: the collector's slice loop
-(``collector._parse_slice`` → ``batchlines.parse_output_line`` on base64 lines),
+(``collector.parsed_slices`` → ``batchlines.parse_output_line`` on base64 lines),
 each slice stored in a real state database as the collector stores it, then the
 delivery's streaming ``.npy`` write from that database. The baseline is what most scripts do
 with the float output: read the whole file, ``json.loads`` every line, put the
@@ -66,7 +66,7 @@ def embedd_side(args: dict[str, Any]) -> dict[str, Any]:
     """Worker: the daemon's own path, through a real state database.
 
     Untimed set-up: one file of ``lines`` records queued in a fresh ``Store``. Timed:
-    the collector's slice loop over the base64 output (``collector._parse_slice``),
+    the collector's slice loop over the base64 output (``collector.parsed_slices``),
     each slice stored with ``Store.add_vectors`` as the collector does, then the
     delivery's streaming write (``store.piece_vectors`` → ``delivery.record_rows`` →
     ``outbox.write_result`` with a ``RowStream``), fsynced.
@@ -75,7 +75,7 @@ def embedd_side(args: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _embedd_side(args: dict[str, Any]) -> dict[str, Any]:
-    from embedd.collector import _parse_slice
+    from embedd.collector import READ_BUFFER, parsed_slices
     from embedd.delivery import record_rows
     from embedd.outbox import RowStream, write_result
     from embedd.spool import SpoolPaths
@@ -94,12 +94,12 @@ async def _embedd_side(args: dict[str, Any]) -> dict[str, Any]:
         requests=[NewRequest(k, k, 1, 1, 1) for k in keys],
     )  # fmt: skip
     start = time.perf_counter()
-    with Path(args["output"]).open("rb") as fh:
-        while results := await asyncio.to_thread(_parse_slice, fh, dims):
+    with Path(args["output"]).open("rb", buffering=READ_BUFFER) as fh:
+        async for results in parsed_slices(fh, dims):
             good = []
             for r in results:
                 assert r.vector is not None, r.error_message
-                good.append((r.custom_id, r.vector.astype("<f4").tobytes(), r.tokens))
+                good.append((r.custom_id, r.vector, r.tokens))
             await store.add_vectors(good, origin="batch_bench", now=0.0)
     rows = RowStream(
         (len(keys), dims),

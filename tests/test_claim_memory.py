@@ -1,0 +1,77 @@
+"""Claims stream (SPEC §9): a big input is claimed in memory proportional to a small
+part of it, not to the whole file many times over."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DaemonProcess, EmulatorProcess, drop, wait_for
+
+MB = 2**20
+WORDS = [
+    "state", "vector", "memory", "bounded", "stream", "token", "window", "record", "daemon",
+    "claim", "segment", "cache", "prune", "delete", "batch", "ledger", "ünïcode", "日本語",
+]  # fmt: skip
+
+
+def prose(size: int, seed: int) -> str:
+    rng = random.Random(seed)
+    out: list[str] = []
+    total = 0
+    while total < size:
+        line = " ".join(rng.choices(WORDS, k=12)) + ".\n"
+        out.append(line)
+        total += len(line.encode())
+    return "".join(out)
+
+
+def vm(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} for {pid}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_large_input_is_claimed_under_a_proportional_memory_bound(
+    start_emulator: Callable[..., EmulatorProcess],
+    start_daemon: Callable[..., DaemonProcess],
+) -> None:
+    """A 24 MiB one-record text and a 24 MiB JSON Lines file (claimed side by side)
+    raise the daemon's peak RSS (VmHWM) by less than 4x their combined size above
+    what the idle daemon held (it was over 10x when claims held whole files)."""
+    emulator = start_emulator(phase_time=3600.0)  # batches stay in flight: intake only
+    daemon = start_daemon(emulator.url, batch={"flush_after": "1h"})
+    wait_for(
+        lambda: any(e.get("event") == "daemon.ready" for e in daemon.events()), 30, what="ready"
+    )
+    assert daemon.proc is not None
+    idle = vm(daemon.proc.pid, "VmHWM")
+    size = 24 * MB
+    text = prose(size, 1).encode()
+    body = prose(size, 2)
+    records = [
+        json.dumps({"id": f"r{n}", "text": body[start : start + 600]})
+        for n, start in enumerate(range(0, len(body), 600))
+    ]
+    lines = ("\n".join(records) + "\n").encode()
+    drop(daemon.spool, "huge.txt", text)
+    drop(daemon.spool, "many.jsonl", lines)
+
+    def queued() -> bool:
+        names = {e.get("file") for e in daemon.events() if e.get("event") == "file.queued"}
+        failed = [e for e in daemon.events() if e.get("event") == "file.failed"]
+        assert not failed, failed
+        return {"huge.txt", "many.jsonl"} <= names
+
+    wait_for(queued, 150, what="both files queued")
+    peak = vm(daemon.proc.pid, "VmHWM")
+    grown = peak - idle
+    print(f"idle {idle / MB:.0f} MB, peak {peak / MB:.0f} MB, grown {grown / MB:.0f} MB")
+    assert grown < 4 * (len(text) + len(lines)), f"{grown / MB:.0f} MB"
