@@ -547,6 +547,7 @@ class Store:
         the requests into pending ones, and mark the file queued.
         Returns (records, tokens, cached records)."""
         async with self.transaction() as tx:
+            fault_point("state_full")  # test hook: SQLite's "database or disk is full"
             if last is not None:
                 await _insert_records(tx, job, last[0], last[1])
             await tx.execute(
