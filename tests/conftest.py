@@ -80,6 +80,11 @@ class EmulatorProcess:
         result: dict[str, Any] = self._admin("/_emulator/state")
         return result
 
+    def billed(self) -> dict[str, int]:
+        """custom_id → how many times a batch billed that line."""
+        result: dict[str, int] = self._admin("/_emulator/billed")
+        return result
+
     def set_faults(self, script: dict[str, Any]) -> None:
         self._admin("/_emulator/faults", script)
 

@@ -305,7 +305,17 @@ def finish_after_crash(daemon: DaemonProcess, work: Mapping[str, list[str]]) -> 
     # A file can be delivered at start from vectors stored before the kill, while its
     # batch's collection (and ledger line) is finished after READY: wait for that too.
     wait_for(lambda: shards_final(daemon.spool), 30, what="every shard collected")
+    # Files at OpenAI are deleted after collection, recorded and retried until done.
+    wait_for(lambda: remote_deletes_done(daemon.spool), 30, what="every remote delete done")
     assert daemon.stop() == 0
+
+
+def remote_deletes_done(spool: Path) -> bool:
+    """Whether the state database has no delete at OpenAI still to do."""
+    db = spool / "state" / "embedd.sqlite3"
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)) as conn:
+        rows = conn.execute("SELECT COUNT(*) FROM remote_deletes").fetchone()
+    return int(rows[0]) == 0
 
 
 def shards_final(spool: Path) -> bool:

@@ -7,11 +7,9 @@ it drives the kill times, the drop times and the emulator's random faults.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
-import sqlite3
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any
 import pytest
 
 from embedd.emulator.vectors import count_tokens
+from embedd.intake import request_key
 from tests.conftest import EmulatorProcess
 from tests.test_crash import (
     check_invariants,
@@ -116,7 +115,7 @@ def test_random_kills_under_faults_lose_nothing_and_pay_once(
             emulator,
             work,
             failed=failed,
-            extra_billed=_lost_or_unused(daemon.spool, work, failed),
+            extra_billed=_lost_or_unused(daemon.spool, emulator, work, failed),
         )
         check_batches(state["batch_log"])
     except BaseException:
@@ -137,14 +136,21 @@ def check_batches(log: list[dict[str, Any]]) -> None:
         earlier.append(batch)
 
 
-def _lost_or_unused(spool: Path, work: Mapping[str, list[str]], failed: set[str]) -> int:
+def _lost_or_unused(
+    spool: Path, emulator: EmulatorProcess, work: Mapping[str, list[str]], failed: set[str]
+) -> int:
     """Tokens the emulator billed beyond "each text of a delivered file once": batches
     whose output answered 404 (billed, then embedded again), and texts embedded for a
-    file that failed anyway (a neighbour of an invalid line)."""
+    file that failed anyway (a neighbour of an invalid line). Which texts were billed
+    is the emulator's word (its per-line books, by custom_id): the daemon's database
+    no longer holds the texts of finished files (SPEC §9)."""
     lines = [json.loads(x) for x in (spool / "ledger.jsonl").read_text().splitlines() if x]
-    lost = sum(x["tokens"] for x in lines if x["kind"] == "batch" and not x["requests"])
+    usage = [x for x in lines if x["kind"] == "batch"]
+    lost = sum(x["tokens"] for x in usage if not x["requests"])
+    model, dimensions = usage[0]["model"], usage[0]["dimensions"]
     delivered = {t for name, texts in work.items() if name not in failed for t in texts}
-    db = spool / "state" / "embedd.sqlite3"
-    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
-        done = [str(r[0]) for r in conn.execute("SELECT input FROM requests WHERE state = 'done'")]
-    return lost + sum(count_tokens(t) for t in done if t not in delivered)
+    unused = {t for name in failed for t in work[name] if t not in delivered}
+    billed = emulator.billed()
+    return lost + sum(
+        count_tokens(t) for t in unused if billed.get(request_key(model, dimensions, t))
+    )

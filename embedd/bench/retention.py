@@ -11,6 +11,7 @@ that point still grow.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 from typing import Any
@@ -88,11 +89,11 @@ def run(size: str, work: Path) -> dict[str, Any]:
                 return sum(1 for e in daemon.events() if e.get("event") == "file.done") >= want
 
             wait_until(delivered, 120 + every / 100, f"{want} files done", step=0.1)
-            # the delivery kicks a retention pass; wait for the cache to be back under
-            # its cap (it holds at most one extra segment's worth while being filled)
-            wait_until(
-                lambda: disk_bytes(state / "vectors") <= cap * 1.2, 30, "the cache under its cap"
-            )
+            # the delivery kicks a retention pass; give it time to bring the cache back
+            # under its cap, then sample whatever it is (a cache still over the cap shows
+            # in `vectors_over_cap`, it is not hidden by a looser wait)
+            with contextlib.suppress(BenchError):
+                wait_until(lambda: disk_bytes(state / "vectors") <= cap, 30, "the cache cap")
             samples.append(
                 {
                     "records": want * PER_FILE,

@@ -31,6 +31,7 @@ from embedd.emulator.server import (
     EMULATOR_KEY,
     Emulator,
     create_embeddings,
+    get_billed,
     get_state,
     openai_middleware,
     set_faults,
@@ -60,6 +61,7 @@ def create_app(
     resources.add_routes(app)
     app.router.add_post("/_emulator/faults", set_faults)
     app.router.add_get("/_emulator/state", get_state)
+    app.router.add_get("/_emulator/billed", get_billed)
 
     async def close(_: web.Application) -> None:
         emu.close()

@@ -15,7 +15,7 @@ import json
 import os
 import random
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -35,6 +35,7 @@ class OutputSummary:
     tokens: int
     output_lines: int
     error_lines: int
+    billed: list[str] = field(default_factory=list)  # custom_id of every line billed
 
 
 class Aborted(Exception):
@@ -127,6 +128,7 @@ def write_batch_output(
     rng.shuffle(order)
     out, err = _Writer(output_path), _Writer(error_path)
     completed = failed = tokens = 0
+    billed: list[str] = []
     try:
         with input_path.open("rb") as source:
             for start in range(0, min(done, len(order)), _CHUNK):
@@ -152,6 +154,7 @@ def write_batch_output(
                     if ok:
                         completed += 1
                         tokens += response["body"]["usage"]["total_tokens"]
+                        billed.append(obj["custom_id"])
                     else:
                         failed += 1
             source.seek(0)
@@ -166,7 +169,7 @@ def write_batch_output(
         raise
     out.finish()
     err.finish()
-    return OutputSummary(completed, failed, tokens, out.lines, err.lines)
+    return OutputSummary(completed, failed, tokens, out.lines, err.lines, billed)
 
 
 def _unfinished(batch_id: str, custom_id: str, code: str) -> dict[str, Any]:

@@ -380,6 +380,7 @@ async def _ensure_output(emu: Emulator, rec: BatchRecord, now: float) -> None:
         }
         emu.store.save_batch(rec)
         emu.counters["tokens_billed"] += summary.tokens
+        emu.billed_lines.update(summary.billed)
 
 
 async def _batch_object(emu: Emulator, rec: BatchRecord) -> dict[str, Any]:

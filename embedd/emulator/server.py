@@ -65,6 +65,9 @@ class Emulator:
         self.counters: Counter[str] = Counter()
         self.by_endpoint: Counter[str] = Counter()
         self.by_metadata: Counter[str] = Counter()
+        # How often each batch line (by custom_id) was billed: the test referee of
+        # "every text billed once" (GET /_emulator/billed).
+        self.billed_lines: Counter[str] = Counter()
         self.locks: dict[str, asyncio.Lock] = {}
         self.stopping = threading.Event()
 
@@ -322,6 +325,11 @@ async def set_faults(request: web.Request) -> web.StreamResponse:
     except (FaultScriptError, ApiError) as exc:
         return json_response(error_body(str(exc)), status=400)
     return json_response({"ok": True})
+
+
+async def get_billed(request: web.Request) -> web.StreamResponse:
+    """``GET /_emulator/billed``: custom_id → how many times a batch billed that line."""
+    return json_response(dict(emulator_of(request).billed_lines))
 
 
 async def get_state(request: web.Request) -> web.StreamResponse:
