@@ -173,13 +173,14 @@ class _SeenIds:
 
     MERGE_AT = 1 << 16
 
-    def __init__(self) -> None:
+    def __init__(self, bits: int = 64) -> None:
+        self.mask = (1 << bits) - 1  # fewer bits: more hits (how tests make collisions)
         self.old: npt.NDArray[np.uint64] = np.zeros(0, dtype=np.uint64)
         self.new: set[int] = set()
 
     def add(self, rec_id: str) -> bool:
         """Note `rec_id`; True if its hash was met before (maybe the same id)."""
-        key = hash(rec_id) & 0xFFFFFFFFFFFFFFFF
+        key = hash(rec_id) & self.mask
         if key in self.new:
             return True
         if len(self.old):
@@ -443,9 +444,10 @@ class _Window:
                 obj, end = _DECODER.raw_decode(self.buf, self.pos)
             except json.JSONDecodeError as exc:
                 cut = exc.pos >= len(self.buf) - 64 or exc.msg.startswith("Unterminated")
+                offset = exc.pos - self.pos  # reading more drops the text before pos
                 if cut and self.more(max(READ_BYTES, len(self.buf) - self.pos)):
                     continue
-                raise self.error(exc.msg, exc.pos) from None
+                raise self.error(exc.msg, self.pos + offset) from None
             if end >= len(self.buf) and self.more():  # a number or literal may go on
                 continue
             self.pos = end
