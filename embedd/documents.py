@@ -448,9 +448,10 @@ class _Window:
                 if cut and self.more(max(READ_BYTES, len(self.buf) - self.pos)):
                     continue
                 raise self.error(exc.msg, self.pos + offset) from None
+            length = end - self.pos  # reading more drops the text before pos
             if end >= len(self.buf) and self.more():  # a number or literal may go on
                 continue
-            self.pos = end
+            self.pos += length
             return obj
 
     def error(self, msg: str, pos: int) -> json.JSONDecodeError:

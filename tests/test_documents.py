@@ -345,3 +345,14 @@ def test_colliding_hashes_are_confirmed_against_the_ids_themselves() -> None:
             (42, "duplicate id 'id7' (lines 8 and 42)"),
             (43, "duplicate id 'id3' (lines 4 and 43)"),
         ]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['["a"', '[{"text": "a"}', "[1", "[", "", "  \n ", "[] x", "[1,]", '\t[{"id": 1, "text": "b"}',
+     '[{"text": "a"} {"text": "b"}]', '[{"text": "a"},\n tru', "[1e", '["\\u12'],
+)  # fmt: skip
+def test_a_json_cut_short_or_broken_names_the_place_json_loads_would(text: str) -> None:
+    """Small documents ending inside or right after a value: the streamed reading's
+    position is that of the whole text (a value ending the file is not misplaced)."""
+    assert reject("s.json", text.encode()).message == whole_json_message("s.json", text)
