@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -77,3 +78,15 @@ def test_a_large_input_is_claimed_under_a_proportional_memory_bound(
     grown = peak - idle
     print(f"idle {idle / MB:.0f} MB, peak {peak / MB:.0f} MB, grown {grown / MB:.0f} MB")
     assert grown < 3 * (len(text) + len(lines)), f"{grown / MB:.0f} MB"
+    # The huge text's windows were set aside a few MB at a time: every one is queued.
+    db = sqlite3.connect(f"file:{daemon.spool / 'state' / 'embedd.sqlite3'}?mode=ro", uri=True)
+    try:
+        [(chunks, windows, missing)] = db.execute(
+            "SELECT r.chunks, COUNT(p.key), SUM(q.key IS NULL) FROM files f "
+            "JOIN records r ON r.job = f.job JOIN pieces p ON p.job = r.job AND p.idx = r.idx "
+            "LEFT JOIN requests q ON q.key = p.key WHERE f.name = 'huge.txt'"
+        ).fetchall()
+    finally:
+        db.close()
+    assert chunks == windows > 100, (chunks, windows)
+    assert missing == 0, missing
