@@ -32,18 +32,25 @@ for `.json`), and the message names the first one.
 
 from __future__ import annotations
 
+import codecs
+import io
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
+import numpy as np
+import numpy.typing as npt
 import orjson
 
 from embedd.errors import InputRejected
 
 BOM = b"\xef\xbb\xbf"
 MAX_REPORTED = 1000  # per-record problems listed in error.json; the rest are counted
+READ_BYTES = 1 << 20  # an input is read (and a .json array decoded) this much at a time
+
+Source = bytes | IO[bytes]
 
 
 @dataclass(frozen=True)
@@ -158,17 +165,59 @@ def _json_type(value: Any) -> str:
     return "an object"
 
 
-class _Collector:
-    """Gathers records and per-record problems, detecting duplicate ids."""
+class _SeenIds:
+    """The ids met so far in one file, in 8 bytes each (a file of millions of short
+    records must not keep millions of id strings): a 64-bit hash of each id, the
+    older ones in a sorted numpy array, the newest in a small set merged into it.
+    A hit is only a suspect: two ids can share a hash; `_Collector` confirms exactly."""
 
-    def __init__(self, name: str, unit: str) -> None:
+    MERGE_AT = 1 << 16
+
+    def __init__(self, bits: int = 64) -> None:
+        self.mask = (1 << bits) - 1  # fewer bits: more hits (how tests make collisions)
+        self.old: npt.NDArray[np.uint64] = np.zeros(0, dtype=np.uint64)
+        self.new: set[int] = set()
+
+    def add(self, rec_id: str) -> bool:
+        """Note `rec_id`; True if its hash was met before (maybe the same id)."""
+        key = hash(rec_id) & self.mask
+        if key in self.new:
+            return True
+        if len(self.old):
+            probe = np.uint64(key)
+            i = int(np.searchsorted(self.old, probe))
+            if i < len(self.old) and self.old[i] == probe:
+                return True
+        self.new.add(key)
+        if len(self.new) >= self.MERGE_AT:
+            fresh = np.fromiter(self.new, dtype=np.uint64, count=len(self.new))
+            fresh.sort()
+            merged = np.concatenate((self.old, fresh))
+            del fresh
+            merged.sort(kind="stable")  # two sorted runs: a merge, not a full sort
+            self.old = merged
+            self.new = set()
+        return False
+
+
+# (where, id) of every valid record of the file, read again from its start: how a
+# suspected duplicate is confirmed.
+Rescan = Callable[[], Iterator[tuple[int, str]]]
+
+
+class _Collector:
+    """Gathers per-record problems and counts records, detecting duplicate ids."""
+
+    def __init__(self, name: str, unit: str, rescan: Rescan | None = None) -> None:
         self.name = name
         self.unit = unit  # "line" or "item"
         self.records: list[Record] = []
         self.count = 0
         self.problems: list[dict[str, Any]] = []
         self.problem_count = 0
-        self.seen: dict[str, int] = {}
+        self.seen = _SeenIds()
+        self.suspects: list[tuple[str, int]] = []
+        self.rescan = rescan
 
     def problem(self, where: int, rec_id: str | None, error: str) -> None:
         self.problem_count += 1
@@ -181,7 +230,8 @@ class _Collector:
             self.records.append(record)
 
     def check(self, where: int, obj: Any, line: int | None) -> Record | None:
-        """The record `obj` makes, or None after noting its problem."""
+        """The record `obj` makes, or None after noting its problem. A record whose id
+        may repeat an earlier one is returned too; `finish` confirms it and fails the file."""
         try:
             rec_id, text, meta = _record_from_object(obj, str(where))
         except _Problem as exc:
@@ -191,18 +241,51 @@ class _Collector:
                 shown = shown.encode("utf-8", "backslashreplace").decode("ascii")
             self.problem(where, shown, str(exc))
             return None
-        first = self.seen.get(rec_id)
-        if first is not None:
-            self.problem(
-                where, rec_id, f"duplicate id {rec_id!r} ({self.unit}s {first} and {where})"
-            )
-            return None
-        self.seen[rec_id] = where
+        if self.seen.add(rec_id):
+            self.suspects.append((rec_id, where))
         self.count += 1
         return Record(rec_id, text, meta, line)
 
+    def _confirm(self) -> None:
+        """Suspected duplicates, checked against the file read again: each id's first
+        record; a later one with the same id is a problem (in file order with the rest)."""
+        if not self.suspects:
+            return
+        wanted = {rec_id for rec_id, _ in self.suspects}
+        first: dict[str, int] = {}
+        if self.rescan is None:  # records kept in memory
+            pairs: Iterator[tuple[int, str]] = ((r.line or 0, r.id) for r in self.records)
+        else:
+            pairs = self.rescan()
+        for where, rec_id in pairs:
+            if rec_id in wanted and rec_id not in first:
+                first[rec_id] = where
+        problems, count = self.problems, self.problem_count
+        self.problems = []
+        duplicates = [
+            (where, rec_id, first[rec_id])
+            for rec_id, where in self.suspects
+            if first.get(rec_id, where) < where
+        ]
+        merged = sorted(
+            [(p[self.unit], 0, p) for p in problems]
+            + [(where, 1, {"id": rec_id, "first": f}) for where, rec_id, f in duplicates],
+            key=lambda item: item[:2],
+        )
+        for where, kind, p in merged:
+            if kind == 0:
+                self.problem(where, p["id"], p["error"])
+            else:
+                f = p["first"]
+                error = f"duplicate id {p['id']!r} ({self.unit}s {f} and {where})"
+                self.problem(where, p["id"], error)
+        self.problem_count = count + len(duplicates)
+        self.count -= len(duplicates)
+        self.suspects = []
+
     def finish(self) -> None:
         """Raise `InputRejected` if any record had a problem or there were none."""
+        self._confirm()
         if self.problems:
             first = self.problems[0]
             more = self.problem_count - 1
@@ -219,43 +302,86 @@ class _Collector:
         return self.records
 
 
-def _jsonl_lines(name: str, data: bytes) -> Iterator[str]:
-    """The lines of a JSON Lines file, each decoded on its own: the file is never one
-    big string (nor a list of all its lines) in memory. Split on b"\\n" only:
+def prescan(name: str, f: IO[bytes], *, utf8: bool) -> int:
+    """Check the whole file a piece at a time before parsing it, as reading it whole
+    did: a NUL byte anywhere is reported first, then (with `utf8`) the first invalid
+    UTF-8 byte. Returns the length of a leading BOM (where parsing starts)."""
+    f.seek(0)
+    skip = len(BOM) if f.read(len(BOM)) == BOM else 0
+    f.seek(skip)
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    bad: str | None = None
+    offset = skip
+    while True:
+        chunk = f.read(READ_BYTES)
+        final = not chunk
+        nul = chunk.find(b"\x00")
+        if nul >= 0:
+            raise InputRejected(f"{name} contains a NUL byte at byte offset {offset + nul}.")
+        if utf8 and bad is None:
+            pending = len(decoder.getstate()[0])
+            try:
+                decoder.decode(chunk, final)
+            except UnicodeDecodeError as exc:
+                at = offset - pending + exc.start
+                bad = f"{name} is not valid UTF-8: byte offset {at} ({exc.reason})."
+        if final:
+            break
+        offset += len(chunk)
+    if bad is not None:
+        raise InputRejected(bad)
+    f.seek(skip)
+    return skip
+
+
+def _jsonl_lines(name: str, f: IO[bytes]) -> Iterator[str]:
+    """The lines of a JSON Lines file, each read and decoded on its own: the file is
+    never one big string (nor whole bytes) in memory. Split on b"\\n" only:
     str.splitlines() would also break on U+2028 and friends, legal inside JSON strings."""
-    skip = len(BOM) if data.startswith(BOM) else 0
-    nul = data.find(b"\x00", skip)
-    if nul >= 0:
-        raise InputRejected(f"{name} contains a NUL byte at byte offset {nul}.")
-    start = skip
-    while start <= len(data):
-        end = data.find(b"\n", start)
-        if end < 0:
-            end = len(data)
+    start = prescan(name, f, utf8=False)
+    for raw in f:
+        body = raw[:-1] if raw.endswith(b"\n") else raw
         try:
-            yield data[start:end].decode("utf-8")
+            yield body.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise InputRejected(
                 f"{name} is not valid UTF-8: byte offset {start + exc.start} ({exc.reason})."
             ) from None
-        start = end + 1
+        start += len(raw)
 
 
-def _iter_jsonl(name: str, data: bytes) -> Iterator[Record]:
-    out = _Collector(name, "line")
-    for number, line in enumerate(_jsonl_lines(name, data), start=1):
+def _jsonl_values(name: str, f: IO[bytes]) -> Iterator[tuple[int, Any, str | None]]:
+    """(line number, decoded value, None) or (line number, None, problem) a line at a
+    time; blank lines are skipped."""
+    for number, line in enumerate(_jsonl_lines(name, f), start=1):
         if not line.strip(" \t\r"):
             continue
         try:
-            obj = _loads(line)
+            yield number, _loads(line), None
         except json.JSONDecodeError as exc:
-            out.problem(number, None, f"malformed JSON: {exc.msg} at column {exc.colno}")
-            continue
+            yield number, None, f"malformed JSON: {exc.msg} at column {exc.colno}"
         except RecursionError:
-            out.problem(number, None, "JSON nested too deep to read")
-            continue
+            yield number, None, "JSON nested too deep to read"
         except ValueError as exc:
-            out.problem(number, None, f"malformed JSON: {exc}")
+            yield number, None, f"malformed JSON: {exc}"
+
+
+def _valid_ids(values: Iterator[tuple[int, Any, str | None]]) -> Iterator[tuple[int, str]]:
+    """(where, id) of the values that make a valid record."""
+    for where, obj, error in values:
+        if error is None:
+            try:
+                rec_id, _, _ = _record_from_object(obj, str(where))
+            except _Problem:
+                continue
+            yield where, rec_id
+
+
+def _iter_jsonl(name: str, f: IO[bytes]) -> Iterator[Record]:
+    out = _Collector(name, "line", lambda: _valid_ids(_jsonl_values(name, f)))
+    for number, obj, error in _jsonl_values(name, f):
+        if error is not None:
+            out.problem(number, None, error)
             continue
         record = out.check(number, obj, number)
         if record is not None and not out.problem_count:
@@ -263,9 +389,110 @@ def _iter_jsonl(name: str, data: bytes) -> Iterator[Record]:
     out.finish()
 
 
-def _parse_json(name: str, text: str) -> list[Record]:
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+_WHITESPACE = " \t\n\r"
+
+
+class _Window:
+    """A sliding window over the decoded text of a file: text already parsed is
+    dropped when more is read, and its lines are counted so positions stay those of
+    the whole document (as `json.loads` of the whole file would report them)."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f = f
+        self.decoder = codecs.getincrementaldecoder("utf-8")("strict")
+        self.buf = ""
+        self.pos = 0
+        self.eof = False
+        self.lines = 0  # newlines in the dropped text
+        self.column = 0  # characters after the last newline in the dropped text
+
+    def more(self, want: int = READ_BYTES) -> bool:
+        """Drop the parsed text and read at least one more character; False at the end."""
+        if self.pos:
+            newlines = self.buf.count("\n", 0, self.pos)
+            if newlines:
+                self.lines += newlines
+                self.column = self.pos - self.buf.rfind("\n", 0, self.pos) - 1
+            else:
+                self.column += self.pos
+            self.buf = self.buf[self.pos :]
+            self.pos = 0
+        while not self.eof:
+            raw = self.f.read(want)
+            self.eof = not raw
+            text = self.decoder.decode(raw, self.eof)
+            if text:
+                self.buf += text
+                return True
+        return False
+
+    def peek(self) -> str:
+        """The next character that is not JSON whitespace, "" at the end."""
+        while True:
+            while self.pos < len(self.buf) and self.buf[self.pos] in _WHITESPACE:
+                self.pos += 1
+            if self.pos < len(self.buf):
+                return self.buf[self.pos]
+            if not self.more():
+                return ""
+
+    def value(self) -> Any:
+        """The JSON value at the position; read more while it may be cut off."""
+        while True:
+            try:
+                obj, end = _DECODER.raw_decode(self.buf, self.pos)
+            except json.JSONDecodeError as exc:
+                cut = exc.pos >= len(self.buf) - 64 or exc.msg.startswith("Unterminated")
+                offset = exc.pos - self.pos  # reading more drops the text before pos
+                if cut and self.more(max(READ_BYTES, len(self.buf) - self.pos)):
+                    continue
+                raise self.error(exc.msg, self.pos + offset) from None
+            length = end - self.pos  # reading more drops the text before pos
+            if end >= len(self.buf) and self.more():  # a number or literal may go on
+                continue
+            self.pos += length
+            return obj
+
+    def error(self, msg: str, pos: int) -> json.JSONDecodeError:
+        """`msg` at `pos` of the window, with the line and column in the whole text."""
+        exc = json.JSONDecodeError(msg, self.buf, pos)
+        newlines = self.buf.count("\n", 0, pos)
+        exc.lineno = self.lines + newlines + 1
+        exc.colno = pos - self.buf.rfind("\n", 0, pos) if newlines else self.column + pos + 1
+        return exc
+
+
+def _json_items(name: str, f: IO[bytes], skip: int) -> Iterator[tuple[int, Any]]:
+    """(position, value) of each item of the JSON array in `f` (from byte `skip`),
+    decoded a window at a time; the array is never whole in memory."""
+    text = _Window(f)
     try:
-        doc = _loads(text)
+        if text.peek() != "[":  # not an array: read whole, as before, for the message
+            f.seek(skip)
+            doc = _loads(f.read().decode("utf-8"))
+            raise InputRejected(
+                f"{name} must hold a JSON array of objects, found {_json_type(doc)}."
+            )
+        text.pos += 1
+        index = 0
+        if text.peek() == "]":
+            text.pos += 1
+        else:
+            while True:
+                text.peek()
+                obj = text.value()
+                index += 1
+                yield index, obj
+                del obj
+                sep = text.peek()
+                text.pos += 1
+                if sep == "]":
+                    break
+                if sep != ",":
+                    raise text.error("Expecting ',' delimiter", text.pos - 1)
+        if text.peek():
+            raise text.error("Extra data", text.pos)
     except json.JSONDecodeError as exc:
         raise InputRejected(
             f"{name} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}."
@@ -274,12 +501,21 @@ def _parse_json(name: str, text: str) -> list[Record]:
         raise InputRejected(f"{name} is JSON nested too deep to read.") from None
     except ValueError as exc:
         raise InputRejected(f"{name} is not valid JSON: {exc}.") from None
-    if not isinstance(doc, list):
-        raise InputRejected(f"{name} must hold a JSON array of objects, found {_json_type(doc)}.")
-    out = _Collector(name, "item")
-    for index, obj in enumerate(doc, start=1):
-        out.add(index, obj, None)
-    return out.result()
+
+
+def _iter_json(name: str, f: IO[bytes]) -> Iterator[Record]:
+    skip = prescan(name, f, utf8=True)
+
+    def rescan() -> Iterator[tuple[int, str]]:
+        f.seek(skip)
+        return _valid_ids((where, obj, None) for where, obj in _json_items(name, f, skip))
+
+    out = _Collector(name, "item", rescan)
+    for index, obj in _json_items(name, f, skip):
+        record = out.check(index, obj, None)
+        if record is not None and not out.problem_count:
+            yield record  # after a problem the file fails: its records are only checked
+    out.finish()
 
 
 def _parse_text(name: str, text: str) -> list[Record]:
@@ -290,25 +526,30 @@ def _parse_text(name: str, text: str) -> list[Record]:
     return [Record(name, text, None, None)]
 
 
-def parse_document(name: str, data: bytes) -> list[Record]:
-    """Parse the bytes of input file `name` into records, or raise `InputRejected`.
+def parse_document(name: str, data: Source) -> list[Record]:
+    """Parse input file `name` (its bytes, or the file open for binary reading) into
+    records, or raise `InputRejected`.
 
     `name` only chooses the format and appears in messages; it is not opened.
     """
     return list(iter_document(name, data))
 
 
-def iter_document(name: str, data: bytes) -> Iterator[Record]:
+def iter_document(name: str, data: Source) -> Iterator[Record]:
     """The records of input file `name` one by one, as `parse_document` would list
-    them; `InputRejected` is raised when the problem is met (a JSON Lines file's
-    per-record problems all together, at its end). JSON Lines is read line by line,
-    so its records need not all be in memory at once; the other formats are whole."""
+    them; `InputRejected` is raised when the problem is met (per-record problems all
+    together, at the end). `data` is the file's bytes or the file itself, open for
+    binary reading and seekable: JSON Lines is read a line at a time and a `.json`
+    array an item at a time, so neither the file nor its records are ever whole in
+    memory (a duplicate id is confirmed by reading the file again); a text file is
+    one record, read whole."""
+    f: IO[bytes] = io.BytesIO(data) if isinstance(data, bytes) else data
     lowered = name.lower()
     if lowered.endswith(".jsonl"):
-        yield from _iter_jsonl(name, data)
+        yield from _iter_jsonl(name, f)
         return
-    text = _decode(name, data)
     if lowered.endswith(".json"):
-        yield from _parse_json(name, text)
+        yield from _iter_json(name, f)
         return
-    yield from _parse_text(name, text)
+    f.seek(0)
+    yield from _parse_text(name, _decode(name, f.read()))

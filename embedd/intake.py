@@ -23,20 +23,19 @@ import os
 import stat
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import IO, Any, cast
 
 import numpy as np
-import numpy.typing as npt
 
 from embedd import metrics
 from embedd.batchlines import request_line_size
 from embedd.crashpoints import crash_point
-from embedd.documents import BOM, Record, iter_document
+from embedd.documents import READ_BYTES, Record, iter_document, prescan
 from embedd.errors import InputRejected
 from embedd.outbox import write_failure
 from embedd.planner import queue_tokens_estimate
 from embedd.runtime import Runtime
-from embedd.spool import Entry, fsync_dir, kind_of, read_input, scan
+from embedd.spool import Entry, fsync_dir, kind_of, open_input, scan
 from embedd.store import NewRecord, NewRequest, db_text, encode_input, new_id
 from embedd.tokens import PIECE_CHARS, LongPolicy, TokenIds, cut_point, plan_chunks
 
@@ -199,32 +198,36 @@ async def process_claimed(rt: Runtime, job: str, name: str, lane: str) -> None:
         if not stat.S_ISREG(mode):
             raise InputRejected(f"{name} was refused: {_REFUSED_KINDS[kind_of(mode)]}.")
         try:
-            data = await asyncio.to_thread(read_input, work, rt.settings.inputs_max_file_bytes)
+            f = await asyncio.to_thread(open_input, work, rt.settings.inputs_max_file_bytes)
         except PermissionError:
             raise InputRejected(
                 f"{name} cannot be read: permission denied; let the daemon's user or group "
                 "read it (a producer's umask of 077 refuses it)."
             ) from None
-        size = len(data)
-        sha256 = await asyncio.to_thread(_sha256, data)
-        crash_point("during_parse")
-        # The file is parsed, tokenized and stored a batch at a time, so memory holds
-        # its bytes and one batch, never all its records (SPEC §9, claims stream).
-        await rt.store.clear_claim(job)  # what an interrupted claim had stored
-        batches = _prepared_batches(rt, name, data)
-        first = 0
-        held: tuple[list[NewRecord], list[NewRequest]] | None = None
-        while (batch := await asyncio.to_thread(next, batches, None)) is not None:
-            if held is not None:  # not the last batch: set aside until the file is whole
-                await rt.store.stage(job, first, *held)
-                first += len(held[0])
-            held = batch
-            del batch
+        with f:
+            # The file is read a piece at a time, never whole: hashed first, then
+            # parsed, tokenized and stored a batch at a time, so memory holds one
+            # batch, never all its records (SPEC §9, claims stream).
+            size, digest = await asyncio.to_thread(
+                _hash_file, f, name, rt.settings.inputs_max_file_bytes
+            )
+            sha256 = digest
+            crash_point("during_parse")
+            await rt.store.clear_claim(job)  # what an interrupted claim had stored
+            batches = _prepared_batches(rt, name, f, size)
+            first = 0
+            held: tuple[list[NewRecord], list[NewRequest]] | None = None
+            while (batch := await asyncio.to_thread(next, batches, None)) is not None:
+                if held is not None:  # not the last batch: set aside until the file is whole
+                    await rt.store.stage(job, first, *held)
+                    first += len(held[0])
+                held = batch
+                del batch
+            del batches
     except InputRejected as exc:
         await rt.store.clear_claim(job)
         await refuse(rt, job, name, work, exc, sha256)
         return
-    del data, batches
     # Claims run side by side, but "which texts are already known" and queueing this
     # file's requests happen as one step, so a text shared by two files dropped together
     # is billed to one of them and marked cached in the other.
@@ -232,7 +235,7 @@ async def process_claimed(rt: Runtime, job: str, name: str, lane: str) -> None:
         count, tokens, cached = await rt.store.queue_staged(
             job,
             last=None if held is None else (first, *held),
-            sha256=sha256,
+            sha256=digest,
             size=size,
             lane=lane,
             now=rt.clock(),
@@ -276,8 +279,19 @@ def _failed_name(name: str) -> str:
     return f"{raw[:120].decode('utf-8', 'surrogateescape')}…{digest}"
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def _hash_file(f: IO[bytes], name: str, max_bytes: int) -> tuple[int, str]:
+    """The size and SHA-256 of the open input, read a piece at a time."""
+    digest = hashlib.sha256()
+    size = 0
+    f.seek(0)
+    while part := f.read(READ_BYTES):
+        digest.update(part)
+        size += len(part)
+        if size > max_bytes:
+            raise InputRejected(
+                f"{name} grew past the limit of {max_bytes} bytes while being read."
+            )
+    return size, digest.hexdigest()
 
 
 # Records stored in one transaction (a file of up to this much text is queued in one
@@ -300,38 +314,52 @@ def _batches(records: Iterable[Record], limit: int = BATCH_CHARS) -> Iterator[li
         yield batch
 
 
-def _whole_text(rt: Runtime, name: str, data: bytes) -> Iterator[tuple[Record, TokenIds]]:
-    """A big text file (one record) tokenized straight from its bytes, a piece at a
-    time: the text never exists as one string (which for non-Latin text takes 2 or 4
-    bytes a character). Same checks and messages as `documents` (SPEC §2)."""
-    skip = len(BOM) if data.startswith(BOM) else 0
-    nul = data.find(b"\x00", skip)
-    if nul >= 0:
-        raise InputRejected(f"{name} contains a NUL byte at byte offset {nul}.")
-    parts: list[npt.NDArray[np.uint32]] = []
+def _whole_text(
+    rt: Runtime, name: str, f: IO[bytes], size: int
+) -> Iterator[tuple[Record, TokenIds]]:
+    """A big text file (one record) tokenized straight from the file, a piece at a
+    time: neither its bytes nor its text ever exist whole (as one string a non-Latin
+    text takes 2 or 4 bytes a character). Same checks and messages as `documents`
+    (SPEC §2). The token ids go into one array sized for the worst case (a token per
+    byte): only the pages written take memory, and no second copy is made."""
+    pos = prescan(name, f, utf8=False)  # a NUL anywhere is reported first
+    out = np.empty(max(size, 1), dtype=np.uint32)
+    count = 0
     carry = ""
+    rest = b""
     blank = True
-    pos = skip
-    while pos < len(data):
-        end = min(len(data), pos + PIECE_CHARS)
+    while True:
+        raw = f.read(PIECE_CHARS)
+        final = len(raw) < PIECE_CHARS
+        piece = rest + raw if rest else raw
+        del raw
         try:
-            text, used = codecs.utf_8_decode(data[pos:end], "strict", end == len(data))
+            text, used = codecs.utf_8_decode(piece, "strict", final)
         except UnicodeDecodeError as exc:
             raise InputRejected(
                 f"{name} is not valid UTF-8: byte offset {pos + exc.start} ({exc.reason})."
             ) from None
+        rest = piece[used:]
         pos += used
+        del piece
         text = carry + text
         blank = blank and not text.strip()
-        cut = len(text) if pos >= len(data) else cut_point(text, 0, len(text))
-        parts.append(rt.tokenizer.encode_compact(text[:cut]))
+        cut = len(text) if final else cut_point(text, 0, len(text))
+        ids = rt.tokenizer.encode_compact(text[:cut])
+        out[count : count + len(ids)] = ids
+        count += len(ids)
+        del ids
         carry = text[cut:]
+        del text
+        if final:
+            break
     if blank:
         error = "text is empty or whitespace only"
         raise InputRejected(f"{name}: {error}.", records=[{"id": name, "error": error}])
-    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
+    tokens = out[:count]
     if len(tokens) <= rt.settings.inputs_max_tokens:  # short after all: send the text
-        yield from _tokenized(rt, [*iter_document(name, data)])
+        del tokens, out
+        yield from _tokenized(rt, [*iter_document(name, f)])
         return
     yield Record(name, "", None, None), tokens
 
@@ -352,7 +380,7 @@ def _tokenized(rt: Runtime, batch: Sequence[Record]) -> Iterator[tuple[Record, T
 
 
 def _prepared_batches(
-    rt: Runtime, name: str, data: bytes
+    rt: Runtime, name: str, f: IO[bytes], size: int
 ) -> Iterator[tuple[list[NewRecord], list[NewRequest]]]:
     """Parse, tokenize and key the file's records a batch at a time (CPU work: each
     step runs in a worker thread). Raises InputRejected when the file is refused;
@@ -360,12 +388,13 @@ def _prepared_batches(
     batches are produced. `cached` is decided later, when the file is queued."""
     s = rt.settings
     problems: list[dict[str, Any]] = []
-    whole_text = not name.lower().endswith((".json", ".jsonl")) and len(data) > 4 * PIECE_CHARS
-    batches = [[]] if whole_text else _batches(iter_document(name, data))
+    whole_text = not name.lower().endswith((".json", ".jsonl")) and size > 4 * PIECE_CHARS
+    batches = [[]] if whole_text else _batches(iter_document(name, f))
     for batch in batches:
         records: list[NewRecord] = []
         requests: dict[str, NewRequest] = {}
-        tokenized = _whole_text(rt, name, data) if whole_text else _tokenized(rt, batch)
+        tokenized = _whole_text(rt, name, f, size) if whole_text else _tokenized(rt, batch)
+        staged = 0
         for record, tokens in tokenized:
             try:
                 chunks = plan_chunks(
@@ -395,6 +424,12 @@ def _prepared_batches(
                             key, chunk.input, s.openai_model, s.send_dimensions
                         ),
                     )
+                    staged += len(value)
+                    if whole_text and staged >= BATCH_CHARS:
+                        # one huge text's windows: set aside a few MB of them at a time
+                        yield [], list(requests.values())
+                        requests.clear()
+                        staged = 0
             records.append(NewRecord(record.id, record.meta, len(tokens), pieces, cached=False))
         if not problems:
             yield records, list(requests.values())

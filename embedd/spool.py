@@ -168,6 +168,26 @@ def read_input(path: Path, max_bytes: int) -> bytes:
     effects, and the checks here are the second line of defence (the file may
     have been swapped since the scan).
     """
+    with open_input(path, max_bytes) as f:
+        parts: list[bytes] = []
+        total = 0
+        while True:
+            # read one byte past the limit to notice a file that grew after fstat
+            part = f.read(min(1 << 24, max_bytes + 1 - total))
+            if not part:
+                break
+            parts.append(part)
+            total += len(part)
+            if total > max_bytes:
+                raise InputRejected(
+                    f"{path.name} grew past the limit of {max_bytes} bytes while being read."
+                )
+        return b"".join(parts)
+
+
+def open_input(path: Path, max_bytes: int) -> BinaryIO:
+    """The open regular file at `path` (buffered, positioned at its start), with the
+    checks of `read_input`; for callers that read it in pieces instead of whole."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
     try:
         unreadable = not os.lstat(path).st_mode & 0o444
@@ -192,22 +212,10 @@ def read_input(path: Path, max_bytes: int) -> bytes:
             raise InputRejected(
                 f"{path.name} is {st.st_size} bytes, over the limit of {max_bytes} bytes."
             )
-        parts: list[bytes] = []
-        total = 0
-        while True:
-            # read one byte past the limit to notice a file that grew after fstat
-            part = os.read(fd, min(1 << 24, max_bytes + 1 - total))
-            if not part:
-                break
-            parts.append(part)
-            total += len(part)
-            if total > max_bytes:
-                raise InputRejected(
-                    f"{path.name} grew past the limit of {max_bytes} bytes while being read."
-                )
-        return b"".join(parts)
-    finally:
+        return os.fdopen(fd, "rb", buffering=1 << 20)
+    except BaseException:
         os.close(fd)
+        raise
 
 
 def safe_name(name: str) -> str:

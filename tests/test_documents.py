@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
+from typing import Any
 
 import pytest
 
+from embedd import documents
 from embedd.documents import MAX_REPORTED, Record, parse_document
 from embedd.errors import InputRejected
 
@@ -224,3 +227,132 @@ def test_a_surrogate_pair_escape_is_a_character() -> None:
     """A proper pair of escapes is one character and is accepted."""
     [record] = parse_document("p.jsonl", rb'{"id": "a", "text": "\ud83d\ude00 ok"}')
     assert record.text == "\U0001f600 ok"
+
+
+# ---- streamed reading (SPEC §9, claims stream): same records and messages as whole ----
+
+
+def big_array(items: int) -> str:
+    """A .json array of `items` objects over many lines and several read windows."""
+    rows = [f'{{"id": "r{n}", "text": "word {n} {"é" * (n % 7)}"}}' for n in range(items)]
+    return "[\n" + ",\n  ".join(rows) + "\n]\n"
+
+
+def whole_json_message(name: str, text: str) -> str:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as exc:
+        return f"{name} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}."
+    raise AssertionError("the document is valid")
+
+
+def test_a_json_array_over_many_read_windows_gives_every_item() -> None:
+    """A 2.7 MB array (read 1 MiB at a time, cut anywhere, even inside a character)
+    gives the same records as parsing it whole, from bytes or from an open file."""
+    text = big_array(60_000)
+    data = text.encode()
+    assert len(data) > 2 * 2**20
+    expected = [
+        Record(o["id"], o["text"], None, None) for o in json.loads(text)
+    ]  # fmt: skip
+    assert parse_document("big.json", data) == expected
+    assert parse_document("big.json", io.BytesIO(b"\xef\xbb\xbf" + data)) == expected
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda t: t.replace(',\n  {"id": "r30000"', ',,\n  {"id": "r30000"'),  # no value
+        lambda t: t.replace('},\n  {"id": "r40000"', '}\n  {"id": "r40000"'),  # no comma
+        lambda t: t.rstrip() + " x",  # extra data after the array
+        lambda t: t.rstrip()[:-1],  # the array never closes
+        lambda t: t.rstrip()[:-1] + ',\n  {"text": "never closed',  # unterminated string
+        lambda t: t.replace('"r50000"', '"r50000" "x"'),  # a broken object far in
+        lambda t: t.rstrip()[:-1] + ",\n]",  # a trailing comma
+        lambda t: t.replace('"r30000"', "tru"),  # a cut literal
+    ],
+)
+def test_a_streamed_json_error_names_the_line_and_column_of_the_whole_file(
+    edit: Any,
+) -> None:
+    """Errors anywhere in a multi-window .json name the same line and column (and
+    message) as `json.loads` of the whole file."""
+    text = edit(big_array(60_000))
+    assert reject("e.json", text.encode()).message == whole_json_message("e.json", text)
+
+
+def test_a_streamed_json_refuses_nan_and_repeated_keys_far_in() -> None:
+    text = big_array(60_000)
+    err = reject("n.json", text.replace('"r45000"', '"r45000", "v": NaN').encode())
+    assert err.message == "n.json is not valid JSON: NaN is not valid JSON."
+    err = reject("k.json", text.replace('"r45000"', '"r45000", "id": "x"').encode())
+    assert err.message == "k.json is not valid JSON: key 'id' appears twice in one object."
+
+
+def test_a_nul_or_bad_utf8_far_in_is_reported_before_any_syntax_error() -> None:
+    """As when the file was read whole: a NUL anywhere first, then bad UTF-8."""
+    text = big_array(60_000).encode()
+    cut = len(text) - 100
+    broken = b"[1,,]" + text[5:cut] + b"\xff" + text[cut:]
+    assert reject("u.json", broken).message == (
+        f"u.json is not valid UTF-8: byte offset {cut} (invalid start byte)."
+    )
+    assert reject("z.json", broken[:-50] + b"\x00" + broken[-50:]).message == (
+        f"z.json contains a NUL byte at byte offset {len(broken) - 50}."
+    )
+    lines = b'{"text": "a"}\n' * 200_000
+    assert reject("z.jsonl", lines + b"\x00").message == (
+        f"z.jsonl contains a NUL byte at byte offset {len(lines)}."
+    )
+
+
+def test_a_duplicate_far_apart_is_found_after_the_ids_are_compacted() -> None:
+    """Ids are kept as hashes in a sorted array once there are many; a repeat of an
+    early id near the end is still named with both lines."""
+    lines = [json.dumps({"id": f"r{n}", "text": "t"}) for n in range(150_000)]
+    lines[140_000] = json.dumps({"id": "r5", "text": "t"})
+    err = reject("far.jsonl", "\n".join(lines).encode())
+    assert err.message == "far.jsonl line 140001: duplicate id 'r5' (lines 6 and 140001)."
+
+
+def test_colliding_hashes_are_confirmed_against_the_ids_themselves() -> None:
+    """Two different ids that share a hash are not duplicates; the real duplicates
+    among them are named with the first line of their id, in file order."""
+    from embedd.documents import _Collector, _SeenIds
+
+    ids = [f"id{n}" for n in range(40)] + ["id3", "id7", "id3"]
+    data = "\n".join(json.dumps({"id": i, "text": "t"}) for i in ids).encode()
+    records = {"ok": [], "bad": []}
+    for case, source in (("ok", b"\n".join(data.split(b"\n")[:40])), ("bad", data)):
+        f = io.BytesIO(source)
+        values = documents._jsonl_values("c.jsonl", f)
+        out = _Collector("c.jsonl", "line", lambda f=f: documents._valid_ids(
+            documents._jsonl_values("c.jsonl", f)))  # fmt: skip
+        out.seen = _SeenIds(bits=2)  # 4 hash values for 40 ids: collisions everywhere
+        for where, obj, _ in values:
+            if out.check(where, obj, where) is not None:
+                records[case].append(where)
+        if case == "ok":
+            out.finish()
+            continue
+        with pytest.raises(InputRejected) as info:
+            out.finish()
+        assert info.value.message == (
+            "c.jsonl line 41: duplicate id 'id3' (lines 4 and 41) (and 2 more problems)."
+        )
+        assert [(p["line"], p["error"]) for p in info.value.records] == [
+            (41, "duplicate id 'id3' (lines 4 and 41)"),
+            (42, "duplicate id 'id7' (lines 8 and 42)"),
+            (43, "duplicate id 'id3' (lines 4 and 43)"),
+        ]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['["a"', '[{"text": "a"}', "[1", "[", "", "  \n ", "[] x", "[1,]", '\t[{"id": 1, "text": "b"}',
+     '[{"text": "a"} {"text": "b"}]', '[{"text": "a"},\n tru', "[1e", '["\\u12'],
+)  # fmt: skip
+def test_a_json_cut_short_or_broken_names_the_place_json_loads_would(text: str) -> None:
+    """Small documents ending inside or right after a value: the streamed reading's
+    position is that of the whole text (a value ending the file is not misplaced)."""
+    assert reject("s.json", text.encode()).message == whole_json_message("s.json", text)

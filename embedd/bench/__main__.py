@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from embedd.bench import collect, pipeline, retention, sync
+from embedd.bench import claim, collect, pipeline, retention, sync
 
 BENCHMARKS: dict[str, Callable[[str, Path], dict[str, Any]]] = {
     "collect": collect.run,
@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, Callable[[str, Path], dict[str, Any]]] = {
     "e2e": pipeline.run_e2e,
     "sync": sync.run,
     "retention": retention.run,
+    "claim": claim.run,
 }
 
 Row = tuple[str, str, str, str, str, str, str]
@@ -65,6 +66,8 @@ def targets(name: str, r: dict[str, Any], size: str) -> dict[str, bool]:
             "state_flat_within_1.1x": r["state_growth"] <= 1.1,
             "rss_flat_within_1.15x": r["rss_growth"] <= 1.15,
         }
+    if name == "claim":
+        return {"peak_rss_under_512mb": r["daemon_peak_rss_mb"] < r["bound_mb"]}
     return {}
 
 
@@ -145,6 +148,14 @@ def rows(name: str, r: dict[str, Any], met: dict[str, bool]) -> list[Row]:
              "<= 1.15x", _met(met["rss_flat_within_1.15x"])),
         ]  # fmt: skip
         return out
+    if name == "claim":
+        return [
+            ("claim", f"{r['file_mb']:,.0f} MB .jsonl ({r['records']:,} records) + "
+             f"{r['file_mb']:,.0f} MB .txt at once, x {r['dimensions']}: daemon peak RSS MB",
+             _f(r["daemon_peak_rss_mb"], 0), "", f"idle {r['idle_rss_mb']:,.0f} MB",
+             f"< {r['bound_mb']:.0f} MB", _met(met["peak_rss_under_512mb"])),
+            ("", "drop to both queued, s", _f(r["seconds"], 1), "", "", "", ""),
+        ]  # fmt: skip
     return []
 
 
