@@ -122,17 +122,8 @@ async def give_up_shard(rt: Runtime, shard: str, reason: str) -> None:
         await rt.store.add_stray(str(rows[0]["batch_id"]), shard, rows[0]["status"], rt.clock())
     if rows[0]["state"] == "submitted":
         await rt.store.move_shard(shard, "collecting", final=json.dumps({"error": reason}))
-    keys = await rt.store.shard_keys(shard)
-    await rt.store.apply_results(
-        shard=shard,
-        vectors=[],
-        origin="",
-        retry=[],
-        fail=[(k, reason) for k in keys],
-        requeue=[],
-        max_retries=rt.settings.retry_max_retries,
-        ledger=None,
-        now=rt.clock(),
+    await rt.store.fail_shard_requests(
+        shard, reason, collected=True, max_retries=rt.settings.retry_max_retries, now=rt.clock()
     )
     rt.wake.kick("deliver", "plan")
 

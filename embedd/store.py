@@ -988,6 +988,26 @@ class Store:
         )
         return int(row[0]) if row else 0
 
+    async def fail_shard_requests(
+        self, shard: str, reason: str, *, collected: bool, max_retries: int, now: float
+    ) -> None:
+        """Fail for good every request still planned in `shard`, with `reason`.
+
+        `collected`: the shard had a batch (it is closed as collected, its stored
+        vectors stay); otherwise it was never submitted and the caller abandons it."""
+        keys = await self.shard_keys(shard)
+        await self.apply_results(
+            shard=shard if collected else None,
+            vectors=[],
+            origin="",
+            retry=[],
+            fail=[(k, reason) for k in keys],
+            requeue=[],
+            max_retries=max_retries,
+            ledger=None,
+            now=now,
+        )
+
     async def apply_results(
         self,
         *,

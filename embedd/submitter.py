@@ -247,17 +247,8 @@ async def _advance_supervised(rt: Runtime, shard: str) -> None:
 
 async def abandon_shard(rt: Runtime, shard: str, reason: str) -> None:
     """Fail a shard that was never submitted: its requests fail for good with `reason`."""
-    keys = await rt.store.shard_keys(shard)
-    await rt.store.apply_results(
-        shard=None,
-        vectors=[],
-        origin="",
-        retry=[],
-        fail=[(k, reason) for k in keys],
-        requeue=[],
-        max_retries=rt.settings.retry_max_retries,
-        ledger=None,
-        now=rt.clock(),
+    await rt.store.fail_shard_requests(
+        shard, reason, collected=False, max_retries=rt.settings.retry_max_retries, now=rt.clock()
     )
     await rt.store.move_shard(shard, "abandoned", error=reason)
     rt.wake.kick("deliver")
