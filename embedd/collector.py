@@ -191,24 +191,27 @@ async def collect(rt: Runtime, shard: str, batch: dict[str, Any]) -> None:
             rt.log.error("batch.file_unavailable", shard=shard, kind=kind, error=exc.message)
             continue
         with dest.open("rb", buffering=READ_BUFFER) as fh:
-            async for results in parsed_slices(fh, s.openai_dimensions):
-                good: list[tuple[str, VectorLike, int | None]] = []
-                for r in results:
-                    if r.custom_id not in sent or r.custom_id in seen:
-                        rt.log.warning("batch.unexpected_line", shard=shard, custom_id=r.custom_id)
-                        continue
-                    seen.add(r.custom_id)
-                    if r.vector is not None:
-                        good.append((r.custom_id, r.vector, r.tokens))
-                        line_tokens += r.tokens or 0
-                    elif r.error_code in UNFINISHED_CODES:
-                        requeue.append(r.custom_id)  # never ran: not a failure, not a try
-                    elif r.retryable:
-                        retry.append((r.custom_id, _describe(r)))
-                    else:
-                        fail.append((r.custom_id, _describe(r)))
-                completed += len(good)
-                await rt.store.add_vectors(good, origin=batch_id, now=rt.clock())
+            async with rt.store.vector_writer(origin=batch_id, clock=rt.clock) as store:
+                async for results in parsed_slices(fh, s.openai_dimensions):
+                    good: list[tuple[str, VectorLike, int | None]] = []
+                    for r in results:
+                        if r.custom_id not in sent or r.custom_id in seen:
+                            rt.log.warning(
+                                "batch.unexpected_line", shard=shard, custom_id=r.custom_id
+                            )
+                            continue
+                        seen.add(r.custom_id)
+                        if r.vector is not None:
+                            good.append((r.custom_id, r.vector, r.tokens))
+                            line_tokens += r.tokens or 0
+                        elif r.error_code in UNFINISHED_CODES:
+                            requeue.append(r.custom_id)  # never ran: not a failure, not a try
+                        elif r.retryable:
+                            retry.append((r.custom_id, _describe(r)))
+                        else:
+                            fail.append((r.custom_id, _describe(r)))
+                    completed += len(good)
+                    await store.add(good)
     crash_point("after_collect_vectors")
     missing = [k for k in sent if k not in seen]
     if status == "completed":

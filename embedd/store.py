@@ -13,11 +13,12 @@ migrated ends up exactly like a new one (a test checks this).
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import secrets
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -315,6 +316,9 @@ class Store:
         # Held from a segment write until the index rows naming it commit, and while
         # segments are dropped: a segment is never dropped under a write in flight.
         self._vector_lock = asyncio.Lock()
+        # Segments holding rows written by a `VectorWriter` but not yet indexed:
+        # never dropped, though no index row names them yet.
+        self._writing: collections.Counter[int] = collections.Counter()
 
     @classmethod
     async def open(cls, path: Path) -> Store:
@@ -727,11 +731,12 @@ class Store:
                 )
             }
             active = self.segments.active_id
+            writing = {seg for seg, n in self._writing.items() if n > 0}
             total = sum(int(r["bytes"]) for r in segments)
             drop: list[int] = []
             for r in segments:
                 seg = int(r["id"])
-                if seg == active or seg in pinned:
+                if seg == active or seg in pinned or seg in writing:
                     continue
                 if float(r["used_at"]) < now - keep or total > max_bytes:
                     drop.append(seg)
@@ -745,7 +750,9 @@ class Store:
                         await tx.execute(f"DELETE FROM segments WHERE id IN ({marks})", part)
             known = {int(r["id"]) for r in segments} - set(drop)
             on_disk = await asyncio.to_thread(segment_files, self.vectors_dir)
-            strays = [seg for seg in on_disk if seg not in known and seg != active]
+            strays = [
+                seg for seg in on_disk if seg not in known and seg != active and seg not in writing
+            ]
             await asyncio.to_thread(remove_segments, self.vectors_dir, [*drop, *strays])
         return drop
 
@@ -971,6 +978,10 @@ class Store:
             located = await self._write_segments(vectors)
             async with self.transaction() as tx:
                 await _insert_vectors(tx, located, origin, now)
+
+    def vector_writer(self, *, origin: str, clock: Callable[[], float]) -> VectorWriter:
+        """A writer for the many vectors of one collection (see `VectorWriter`)."""
+        return VectorWriter(self, origin, clock)
 
     async def _write_segments(
         self, vectors: Sequence[tuple[str, VectorLike, int | None]]
@@ -1198,6 +1209,81 @@ async def _insert_records(tx: _Tx, job: str, first: int, records: Sequence[NewRe
 _Located = tuple[list[tuple[str, int, int, int | None]], list[SegmentInfo]]
 
 
+GROUP_BYTES = 64 * 2**20  # a VectorWriter makes its rows durable and indexes them this often
+
+
+class VectorWriter:
+    """The vectors of one collection, stored as they come, indexed in groups.
+
+    `add` writes rows to the segments without waiting for the disk; every
+    `GROUP_BYTES` of rows (and on leaving the `async with` block normally) the
+    segments are synced, then one transaction indexes the group and marks its
+    requests done: a few syncs for a whole batch output instead of two a slice, with
+    the same crash order as `Store.add_vectors` (segment bytes durable, then the index).
+    Rows not yet indexed when the block is left by an error are dead space, and a
+    repeated collection writes them again. Use as `async with store.vector_writer(...)`.
+    """
+
+    def __init__(self, store: Store, origin: str, clock: Callable[[], float]) -> None:
+        self._store = store
+        self._origin = origin
+        self._clock = clock
+        self._rows: list[tuple[str, int, int, int | None]] = []
+        self._infos: dict[int, SegmentInfo] = {}
+        self._bytes = 0
+
+    async def __aenter__(self) -> VectorWriter:
+        return self
+
+    async def __aexit__(self, kind: object, error: object, tb: object) -> None:
+        try:
+            if kind is None:
+                await self.flush()
+        finally:
+            self._release()
+
+    async def add(self, vectors: Sequence[tuple[str, VectorLike, int | None]]) -> None:
+        """Write `vectors` (key, float32 row, tokens); index them with the group."""
+        if not vectors:
+            return
+        store = self._store
+        async with store._vector_lock:
+            slots, infos = await asyncio.to_thread(store.segments.put, [v for _, v, _ in vectors])
+            for info in infos:
+                if info.id not in self._infos:
+                    store._writing[info.id] += 1
+                self._infos[info.id] = info
+        self._rows.extend(
+            (k, seg, row, t) for (k, _, t), (seg, row) in zip(vectors, slots, strict=True)
+        )
+        first = vectors[0][1]
+        self._bytes += (len(first) if isinstance(first, bytes) else first.nbytes) * len(vectors)
+        if self._bytes >= GROUP_BYTES:
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Make the rows added so far durable, then index them (one transaction)."""
+        if not self._rows:
+            return
+        store = self._store
+        async with store._vector_lock:
+            await asyncio.to_thread(store.segments.sync)
+            async with store.transaction() as tx:
+                await _insert_vectors(
+                    tx, (self._rows, list(self._infos.values())), self._origin, self._clock()
+                )
+        self._rows = []
+        self._bytes = 0
+        self._release()
+
+    def _release(self) -> None:
+        for seg in self._infos:
+            self._store._writing[seg] -= 1
+            if self._store._writing[seg] <= 0:
+                del self._store._writing[seg]
+        self._infos = {}
+
+
 async def _insert_vectors(tx: _Tx, located: _Located, origin: str, now: float) -> None:
     rows, segments = located
     if not rows:
@@ -1222,13 +1308,14 @@ async def _insert_vectors(tx: _Tx, located: _Located, origin: str, now: float) -
 
 
 def piece_vectors(
-    db_path: Path, job: str, fetch: int = 256
+    db_path: Path, job: str, fetch: int = 512
 ) -> Iterator[tuple[int, int, npt.NDArray[np.float32]]]:
     """(record index, tokens, float32 row) of each piece of `job`, in record order.
 
     A plain blocking generator on its own read-only connection (WAL lets it read while
     the daemon writes), for a worker thread that writes the `.npy` row by row: rows
-    are read from the segment files one at a time, never the whole file's. The
+    are read from the segment files a run of consecutive rows at a time (at most
+    `fetch`), never the whole file's. The
     segments of a file not yet done are never dropped (see `prune_vectors`).
     """
     conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30.0)
@@ -1241,11 +1328,27 @@ def piece_vectors(
             (job,),
         )
         while rows := cur.fetchmany(fetch):
-            for idx, tokens, segment, row, dims in rows:
-                yield idx, tokens, reader.row(segment, row, dims)
+            for run in _consecutive(rows):
+                _, _, segment, first, dims = run[0]
+                block = reader.rows(segment, first, len(run), dims)
+                for (idx, tokens, *_), vector in zip(run, block, strict=True):
+                    yield idx, tokens, vector
     finally:
         reader.close()
         conn.close()
+
+
+def _consecutive(rows: Sequence[Any]) -> Iterator[list[Any]]:
+    """`(idx, tokens, segment, row, dims)` rows cut into runs that are consecutive
+    rows of one segment, so each run is one read."""
+    run: list[Any] = []
+    for r in rows:
+        if run and not (r[2] == run[-1][2] and r[3] == run[-1][3] + 1):
+            yield run
+            run = []
+        run.append(r)
+    if run:
+        yield run
 
 
 async def _forget_texts(tx: _Tx, job: str) -> None:

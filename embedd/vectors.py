@@ -5,13 +5,13 @@ float32, nothing else: row `r` starts at byte `r * dims * 4`. Which key lives in
 which (segment, row) is the database's business (`vectors` and `segments` tables,
 see `store.py`); this module only writes and reads rows.
 
-One `SegmentWriter` per state directory appends rows to the active segment through
-a memory map: a vector is copied into the map, the written range is flushed
-(`msync`) and dropped from the process's memory (`MADV_DONTNEED`), so collecting
-a 0.8 GB output file never holds more than one slice of it. A row is durable
-before `write` returns; the caller commits the index rows that point to it only
-after that (crash order: segment bytes, then index). A row written but never
-indexed is dead space in its segment, reclaimed when the segment is dropped.
+One `SegmentWriter` per state directory appends rows to the active segment: a
+slice's rows are gathered into one block and written with `pwrite` (one system call
+per segment touched), then `fdatasync`ed, so a 0.8 GB output file is never held in
+memory beyond one slice and nothing is mapped. A row is durable before `write`
+returns; the caller commits the index rows that point to it only after that (crash
+order: segment bytes, then index). A row written but never indexed is dead space in
+its segment, reclaimed when the segment is dropped.
 
 Segments are dropped whole (never compacted), least recently used first: see
 docs/storage.md.
@@ -19,11 +19,11 @@ docs/storage.md.
 
 from __future__ import annotations
 
-import mmap
 import os
 import re
 import threading
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +32,6 @@ import numpy.typing as npt
 
 SEGMENT_BYTES = 16 * 2**20  # the default size of one segment file
 _NAME = re.compile(r"^(\d{10})\.f32$")
-_PAGE = mmap.PAGESIZE
 
 VectorLike = bytes | npt.NDArray[np.float32]
 
@@ -85,32 +84,33 @@ class _Active:
         if create or os.fstat(self.fd).st_size != info.bytes:
             os.ftruncate(self.fd, info.bytes)  # sparse: blocks are allocated as rows land
             os.fsync(self.fd)
-        self.map = mmap.mmap(self.fd, info.bytes)
-        self.rows: npt.NDArray[np.float32] = np.ndarray(
-            (self.capacity, self.dims), dtype="<f4", buffer=self.map
-        )
 
     def info(self) -> SegmentInfo:
         return SegmentInfo(
             self.id, self.dims, self.capacity, self.next_row, self.capacity * self.dims * 4
         )
 
-    def sync(self, first: int, last: int) -> None:
-        """Make rows [first, last) durable, then let go of their pages."""
-        row_bytes = self.dims * 4
-        start = (first * row_bytes // _PAGE) * _PAGE
-        end = min(len(self.map), last * row_bytes)
-        self.map.flush(start, end - start)
-        self.map.madvise(mmap.MADV_DONTNEED, start, end - start)
+    def put(self, block: npt.NDArray[np.float32]) -> None:
+        """Write `block` (rows x dims, C order) at the next free row; not yet durable."""
+        view = block.data.cast("B")
+        offset = self.next_row * self.dims * 4
+        while view:
+            written = os.pwrite(self.fd, view, offset)
+            view, offset = view[written:], offset + written
+        self.next_row += block.shape[0]
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
 
     def close(self) -> None:
-        del self.rows
-        self.map.close()
         os.close(self.fd)
 
 
 class SegmentWriter:
-    """Appends rows to segments under `root`; thread-safe (one lock around a write)."""
+    """Appends rows to segments under `root`; thread-safe (one lock around a write).
+
+    `put` writes rows without waiting for the disk; `sync` makes every row put so far
+    durable (all the segments touched, synced side by side); `write` is both."""
 
     def __init__(self, root: Path, *, segment_bytes: int = SEGMENT_BYTES) -> None:
         self.root = root
@@ -118,6 +118,7 @@ class SegmentWriter:
         self._lock = threading.Lock()
         self._active: _Active | None = None
         self._next_id = 1
+        self._unsynced: dict[int, _Active] = {}  # put since the last sync (may be closed)
 
     def resume(self, last: SegmentInfo | None, highest_id: int) -> None:
         """Continue the newest segment the index knows (or start after `highest_id`)."""
@@ -133,33 +134,65 @@ class SegmentWriter:
         return None if self._active is None else self._active.id
 
     def write(
-        self, vectors: Sequence[VectorLike]
+        self, vectors: Sequence[VectorLike] | npt.NDArray[np.float32]
     ) -> tuple[list[tuple[int, int]], list[SegmentInfo]]:
-        """Store `vectors` (all of one length); return each one's (segment, row) and
-        the state of every segment touched. Everything is durable on return."""
+        """`put`, then `sync`: everything is durable on return."""
+        with self._lock:
+            placed = self._put(vectors)
+            self._sync()
+        return placed
+
+    def put(
+        self, vectors: Sequence[VectorLike] | npt.NDArray[np.float32]
+    ) -> tuple[list[tuple[int, int]], list[SegmentInfo]]:
+        """Store `vectors` (all of one length; a sequence of rows or one 2-D block),
+        not yet durable; return each one's (segment, row) and the state of every
+        segment touched."""
+        with self._lock:
+            return self._put(vectors)
+
+    def sync(self) -> None:
+        """Make every row `put` so far durable."""
+        with self._lock:
+            self._sync()
+
+    def _put(
+        self, vectors: Sequence[VectorLike] | npt.NDArray[np.float32]
+    ) -> tuple[list[tuple[int, int]], list[SegmentInfo]]:
+        block = _block(vectors)
         slots: list[tuple[int, int]] = []
         touched: dict[int, SegmentInfo] = {}
-        with self._lock:
-            i = 0
-            while i < len(vectors):
-                seg = self._segment_for(_row(vectors[i]).shape[0])
-                start = seg.next_row
-                n = min(len(vectors) - i, seg.capacity - start)
-                for j in range(n):
-                    seg.rows[start + j] = _row(vectors[i + j])
-                    slots.append((seg.id, start + j))
-                seg.next_row = start + n
-                seg.sync(start, start + n)
-                touched[seg.id] = seg.info()
-                i += n
+        i = 0
+        while i < block.shape[0]:
+            seg = self._segment_for(block.shape[1])
+            start = seg.next_row
+            n = min(block.shape[0] - i, seg.capacity - start)
+            seg.put(block[i : i + n])
+            self._unsynced[seg.id] = seg
+            slots.extend((seg.id, start + j) for j in range(n))
+            touched[seg.id] = seg.info()
+            i += n
         return slots, list(touched.values())
+
+    def _sync(self) -> None:
+        pending = list(self._unsynced.values())
+        if len(pending) == 1:
+            pending[0].sync()
+        elif pending:
+            # Side by side: the file system commits their metadata together.
+            with ThreadPoolExecutor(min(8, len(pending))) as pool:
+                list(pool.map(_Active.sync, pending))
+        self._unsynced.clear()
+        for seg in pending:
+            if seg is not self._active:
+                seg.close()
 
     def _segment_for(self, dims: int) -> _Active:
         seg = self._active
         if seg is not None and seg.dims == dims and seg.next_row < seg.capacity:
             return seg
-        if seg is not None:
-            seg.close()
+        if seg is not None and seg.id not in self._unsynced:
+            seg.close()  # (an unsynced one is closed by the next sync)
         capacity = max(1, self.segment_bytes // (4 * dims))
         info = SegmentInfo(self._next_id, dims, capacity, 0, capacity * dims * 4)
         self._next_id += 1
@@ -174,6 +207,10 @@ class SegmentWriter:
 
     def close(self) -> None:
         with self._lock:
+            for seg in self._unsynced.values():
+                if seg is not self._active:
+                    seg.close()
+            self._unsynced.clear()
             if self._active is not None:
                 self._active.close()
                 self._active = None
@@ -185,23 +222,49 @@ def _row(value: VectorLike) -> npt.NDArray[np.float32]:
     return value
 
 
+def _block(vectors: Sequence[VectorLike] | npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """`vectors` as one C-ordered (rows x dims) little-endian float32 block."""
+    if isinstance(vectors, np.ndarray):
+        block = vectors
+    elif not vectors:
+        return np.empty((0, 0), dtype="<f4")
+    else:
+        block = np.stack([_row(v) for v in vectors])
+    if block.ndim != 2:
+        raise ValueError(f"vectors must be rows of one length, got shape {block.shape}")
+    return np.ascontiguousarray(block, dtype="<f4")
+
+
 class SegmentReader:
     """Reads rows by (segment, row, dims) with `pread`: nothing is mapped or cached
-    beyond the open file descriptors, so memory stays flat however much is read."""
+    beyond the open file descriptors, so memory stays flat however much is read.
+    `rows` reads a run of consecutive rows in one call."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self._fds: dict[int, int] = {}
 
-    def row(self, segment: int, row: int, dims: int) -> npt.NDArray[np.float32]:
+    def rows(self, segment: int, first: int, count: int, dims: int) -> npt.NDArray[np.float32]:
+        """Rows [first, first + count) of `segment` as a (count x dims) block."""
         fd = self._fds.get(segment)
         if fd is None:
             fd = self._fds[segment] = os.open(segment_path(self.root, segment), os.O_RDONLY)
         size = dims * 4
-        data = os.pread(fd, size, row * size)
-        if len(data) != size:
-            raise OSError(f"segment {segment} is shorter than its index says (row {row})")
-        return np.frombuffer(data, dtype="<f4")
+        block = np.empty((count, dims), dtype="<f4")
+        view = block.data.cast("B")
+        offset, done = first * size, 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise OSError(
+                    f"segment {segment} is shorter than its index says (rows {first}+{count})"
+                )
+            done += n
+        return block
+
+    def row(self, segment: int, row: int, dims: int) -> npt.NDArray[np.float32]:
+        block = self.rows(segment, row, 1, dims)
+        return block.reshape(dims)
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -67,7 +67,7 @@ def embedd_side(args: dict[str, Any]) -> dict[str, Any]:
 
     Untimed set-up: one file of ``lines`` records queued in a fresh ``Store``. Timed:
     the collector's slice loop over the base64 output (``collector.parsed_slices``),
-    each slice stored with ``Store.add_vectors`` as the collector does, then the
+    each slice stored through ``Store.vector_writer`` as the collector does, then the
     delivery's streaming write (``store.piece_vectors`` → ``delivery.record_rows`` →
     ``outbox.write_result`` with a ``RowStream``), fsynced.
     """
@@ -95,12 +95,13 @@ async def _embedd_side(args: dict[str, Any]) -> dict[str, Any]:
     )  # fmt: skip
     start = time.perf_counter()
     with Path(args["output"]).open("rb", buffering=READ_BUFFER) as fh:
-        async for results in parsed_slices(fh, dims):
-            good = []
-            for r in results:
-                assert r.vector is not None, r.error_message
-                good.append((r.custom_id, r.vector, r.tokens))
-            await store.add_vectors(good, origin="batch_bench", now=0.0)
+        async with store.vector_writer(origin="batch_bench", clock=lambda: 0.0) as vectors:
+            async for results in parsed_slices(fh, dims):
+                good = []
+                for r in results:
+                    assert r.vector is not None, r.error_message
+                    good.append((r.custom_id, r.vector, r.tokens))
+                await vectors.add(good)
     rows = RowStream(
         (len(keys), dims),
         functools.partial(record_rows, piece_vectors(store.path, "job_bench")),

@@ -1,0 +1,122 @@
+"""The vector segments as the collector uses them: rows written in blocks, indexed in
+groups, read back in runs, and never swept while a group is still being written."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embedd import store as store_module
+from embedd.store import NewRecord, NewRequest, Store, piece_vectors
+from embedd.vectors import SegmentReader, SegmentWriter, segment_files
+
+NOW = 1_700_000_000.0
+DIMS = 4
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    s = await Store.open(tmp_path / "state" / "s.sqlite3")
+    s.segments.segment_bytes = 3 * DIMS * 4  # three rows a segment
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+async def add_file(store: Store, job: str, keys: list[str]) -> None:
+    await store.begin_claim(job, f"{job}.jsonl", "batch", NOW)
+    await store.queue_file(
+        job, sha256="0" * 64, size=1, lane="batch", now=NOW,
+        records=[NewRecord(k, None, 1, [(k, 1)], cached=False) for k in keys],
+        requests=[NewRequest(k, f"text {k}", 1, 1, 1) for k in keys],
+    )  # fmt: skip
+
+
+def indexed(store: Store) -> set[str]:
+    """Keys with a vector index row (read on a connection of its own)."""
+    with sqlite3.connect(store.path) as conn:
+        return {str(r[0]) for r in conn.execute("SELECT key FROM vectors")}
+
+
+def rows(n: int, start: int = 0) -> np.ndarray:
+    return np.arange(start * DIMS, (start + n) * DIMS, dtype=np.float32).reshape(n, DIMS)
+
+
+def test_block_writes_read_back_in_runs_across_segments(tmp_path: Path) -> None:
+    """Eight rows put as blocks land in three-row segments in order; reading a run
+    back, a single row, or any row gives the bytes written."""
+    writer = SegmentWriter(tmp_path, segment_bytes=3 * DIMS * 4)
+    writer.resume(None, 0)
+    slots, infos = writer.write(rows(5))
+    more, _ = writer.write(list(rows(3, start=5)))  # a sequence of rows works too
+    writer.close()
+    assert slots + more == [(1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2), (3, 0), (3, 1)]
+    assert [(i.id, i.rows) for i in infos] == [(1, 3), (2, 2)]
+    reader = SegmentReader(tmp_path)
+    try:
+        assert np.array_equal(reader.rows(2, 0, 3, DIMS), rows(3, start=3))
+        for n, (segment, row) in enumerate(slots + more):
+            assert np.array_equal(reader.row(segment, row, DIMS), rows(1, start=n)[0])
+        with pytest.raises(OSError, match="shorter than its index"):
+            reader.rows(3, 2, 2, DIMS)  # the segment file holds three rows, not four
+    finally:
+        reader.close()
+
+
+async def test_a_group_is_indexed_only_when_flushed(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows a writer has put are not indexed (their requests not done) until the
+    group's bytes are reached or the block ends; then all of them are."""
+    monkeypatch.setattr(store_module, "GROUP_BYTES", 4 * DIMS * 4)
+    keys = [f"k{i}" for i in range(7)]
+    await add_file(store, "job1", keys)
+    data = rows(7)
+    async with store.vector_writer(origin="b1", clock=lambda: NOW) as writer:
+        await writer.add([(k, data[i], 1) for i, k in enumerate(keys[:3])])
+        assert indexed(store) == set()
+        await writer.add([(k, data[i + 3], 1) for i, k in enumerate(keys[3:5])])
+        assert indexed(store) == set(keys[:5])  # 5 rows >= 4: flushed
+        await writer.add([(k, data[i + 5], 1) for i, k in enumerate(keys[5:])])
+        assert indexed(store) == set(keys[:5])
+    assert indexed(store) == set(keys)
+    got = np.stack([v for _, _, v in piece_vectors(store.path, "job1")])
+    assert np.array_equal(got, data)  # read back across three segments, in order
+
+
+async def test_an_error_leaves_the_group_unindexed_and_sweepable(store: Store) -> None:
+    """A collection that fails mid-group indexes nothing of that group; its rows are
+    dead space, and the next prune sweeps the segment files no index row names."""
+    await add_file(store, "job1", ["a", "b", "c", "d"])
+
+    async def collect_and_break() -> None:
+        async with store.vector_writer(origin="b1", clock=lambda: NOW) as writer:
+            await writer.add([(k, rows(1, i)[0], 1) for i, k in enumerate("abcd")])
+            raise RuntimeError("download broke")
+
+    with pytest.raises(RuntimeError):
+        await collect_and_break()
+    assert indexed(store) == set()
+    await store.prune_vectors(max_bytes=10**9, keep=3600.0, now=NOW)
+    assert sorted(segment_files(store.vectors_dir)) == [store.segments.active_id]
+
+
+async def test_segments_of_a_group_in_flight_are_never_swept(store: Store) -> None:
+    """A prune that runs while a collection's group is written but not yet indexed
+    (full segments no index row names yet) leaves those files alone, so the rows the
+    group then indexes are still there to read."""
+    keys = list("abcdefg")
+    await add_file(store, "job1", keys)
+    data = rows(7)
+    async with store.vector_writer(origin="b1", clock=lambda: NOW) as writer:
+        await writer.add([(k, data[i], 1) for i, k in enumerate(keys)])
+        assert len(segment_files(store.vectors_dir)) == 3  # two full, one being filled
+        await store.prune_vectors(max_bytes=0, keep=0.0, now=NOW + 10)
+        assert len(segment_files(store.vectors_dir)) == 3
+    got = np.stack([v for _, _, v in piece_vectors(store.path, "job1")])
+    assert np.array_equal(got, data)
