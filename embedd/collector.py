@@ -212,6 +212,7 @@ async def collect(rt: Runtime, shard: str, batch: dict[str, Any]) -> None:
                             fail.append((r.custom_id, _describe(r)))
                     completed += len(good)
                     await store.add(good)
+                    crash_point("during_collect_vectors")  # written, not yet indexed
     crash_point("after_collect_vectors")
     missing = [k for k in sent if k not in seen]
     if status == "completed":

@@ -11,7 +11,8 @@ The points, in pipeline order:
     after_upload           the shard's file uploaded, its file id not yet recorded
     after_batch_create     the batch created at OpenAI, its id not yet recorded
     during_download        the first chunk of a batch's output file on disk, the rest not
-    after_collect_vectors  vectors stored slice by slice, verdicts and ledger row not yet
+    during_collect_vectors a slice's vectors written to the segments, not yet synced or indexed
+    after_collect_vectors  every vector stored and indexed, verdicts and ledger row not yet
     during_outbox_write    NAME.json written, NAME.npy not yet
     after_outbox_write     NAME.npy written, the input not yet moved to done/
     during_recovery        start-up reconcile found a shard's batch, has not recorded it
@@ -55,6 +56,7 @@ POINTS = frozenset(
         "after_upload",
         "after_batch_create",
         "during_download",
+        "during_collect_vectors",
         "after_collect_vectors",
         "during_outbox_write",
         "after_outbox_write",

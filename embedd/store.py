@@ -313,8 +313,9 @@ class Store:
         self._lock = asyncio.Lock()
         self.vectors_dir = path.parent / "vectors"
         self.segments = SegmentWriter(self.vectors_dir)
-        # Held from a segment write until the index rows naming it commit, and while
-        # segments are dropped: a segment is never dropped under a write in flight.
+        # Held around a segment write (and, for `add_vectors`, until the index rows
+        # naming it commit) and while segments are dropped: a segment is never
+        # dropped under a write in flight.
         self._vector_lock = asyncio.Lock()
         # Segments holding rows written by a `VectorWriter` but not yet indexed:
         # never dropped, though no index row names them yet.
