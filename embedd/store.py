@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import secrets
 import sqlite3
@@ -1216,13 +1217,16 @@ GROUP_BYTES = 64 * 2**20  # a VectorWriter makes its rows durable and indexes th
 class VectorWriter:
     """The vectors of one collection, stored as they come, indexed in groups.
 
-    `add` writes rows to the segments without waiting for the disk; every
-    `GROUP_BYTES` of rows (and on leaving the `async with` block normally) the
-    segments are synced, then one transaction indexes the group and marks its
-    requests done: a few syncs for a whole batch output instead of two a slice, with
-    the same crash order as `Store.add_vectors` (segment bytes durable, then the index).
-    Rows not yet indexed when the block is left by an error are dead space, and a
-    repeated collection writes them again. Use as `async with store.vector_writer(...)`.
+    `add` writes rows to the segments without waiting for the disk. Every
+    `GROUP_BYTES` of rows (and on leaving the `async with` block normally) the group
+    is flushed: the segments are synced, then one transaction indexes the group and
+    marks its requests done. A flush runs in the background while the next group is
+    parsed and written (one at a time, in order). A few syncs for a whole batch
+    output instead of two a slice, with the same crash order as `Store.add_vectors`
+    (segment bytes durable, then the index). Rows not yet indexed when the block is
+    left by an error are dead space, and a repeated collection writes them again.
+    Until its group is indexed, a segment it wrote is never dropped (`_writing`).
+    Use as `async with store.vector_writer(...)`.
     """
 
     def __init__(self, store: Store, origin: str, clock: Callable[[], float]) -> None:
@@ -1232,6 +1236,7 @@ class VectorWriter:
         self._rows: list[tuple[str, int, int, int | None]] = []
         self._infos: dict[int, SegmentInfo] = {}
         self._bytes = 0
+        self._flushing: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> VectorWriter:
         return self
@@ -1240,8 +1245,14 @@ class VectorWriter:
         try:
             if kind is None:
                 await self.flush()
+            elif self._flushing is not None:
+                # Let the group in flight finish (or fail) on its own; the error
+                # already leaving the block is the one reported.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._flushing)
         finally:
-            self._release()
+            self._release(self._infos)
+            self._infos = {}
 
     async def add(self, vectors: Sequence[tuple[str, VectorLike, int | None]]) -> None:
         """Write `vectors` (key, float32 row, tokens); index them with the group."""
@@ -1260,29 +1271,42 @@ class VectorWriter:
         first = vectors[0][1]
         self._bytes += (len(first) if isinstance(first, bytes) else first.nbytes) * len(vectors)
         if self._bytes >= GROUP_BYTES:
-            await self.flush()
+            await self._start_flush()
 
     async def flush(self) -> None:
-        """Make the rows added so far durable, then index them (one transaction)."""
+        """Make every row added so far durable and indexed; return when it is."""
+        await self._start_flush()
+        if self._flushing is not None:
+            task, self._flushing = self._flushing, None
+            await task
+
+    async def _start_flush(self) -> None:
+        if self._flushing is not None:
+            task, self._flushing = self._flushing, None
+            await task  # groups are indexed in order; an error stops the collection
         if not self._rows:
             return
+        rows, infos = self._rows, self._infos
+        self._rows, self._infos, self._bytes = [], {}, 0
+        self._flushing = asyncio.ensure_future(self._index(rows, infos))
+
+    async def _index(
+        self, rows: list[tuple[str, int, int, int | None]], infos: dict[int, SegmentInfo]
+    ) -> None:
         store = self._store
-        async with store._vector_lock:
+        try:
             await asyncio.to_thread(store.segments.sync)
             async with store.transaction() as tx:
-                await _insert_vectors(
-                    tx, (self._rows, list(self._infos.values())), self._origin, self._clock()
-                )
-        self._rows = []
-        self._bytes = 0
-        self._release()
+                await _insert_vectors(tx, (rows, list(infos.values())), self._origin, self._clock())
+        finally:
+            self._release(infos)
 
-    def _release(self) -> None:
-        for seg in self._infos:
-            self._store._writing[seg] -= 1
-            if self._store._writing[seg] <= 0:
-                del self._store._writing[seg]
-        self._infos = {}
+    def _release(self, infos: dict[int, SegmentInfo]) -> None:
+        writing = self._store._writing
+        for seg in infos:
+            writing[seg] -= 1
+            if writing[seg] <= 0:
+                del writing[seg]
 
 
 async def _insert_vectors(tx: _Tx, located: _Located, origin: str, now: float) -> None:

@@ -152,9 +152,22 @@ class SegmentWriter:
             return self._put(vectors)
 
     def sync(self) -> None:
-        """Make every row `put` so far durable."""
+        """Make every row `put` so far durable. Rows may be put meanwhile (from
+        another thread): the disk is waited for outside the lock."""
         with self._lock:
-            self._sync()
+            pending = list(self._unsynced.values())
+            self._unsynced.clear()
+        try:
+            _sync_all(pending)
+        except BaseException:
+            with self._lock:  # not known to be durable: the next sync tries again
+                for seg in pending:
+                    self._unsynced.setdefault(seg.id, seg)
+            raise
+        with self._lock:
+            for seg in pending:
+                if seg is not self._active and seg.id not in self._unsynced:
+                    seg.close()
 
     def _put(
         self, vectors: Sequence[VectorLike] | npt.NDArray[np.float32]
@@ -176,12 +189,7 @@ class SegmentWriter:
 
     def _sync(self) -> None:
         pending = list(self._unsynced.values())
-        if len(pending) == 1:
-            pending[0].sync()
-        elif pending:
-            # Side by side: the file system commits their metadata together.
-            with ThreadPoolExecutor(min(8, len(pending))) as pool:
-                list(pool.map(_Active.sync, pending))
+        _sync_all(pending)
         self._unsynced.clear()
         for seg in pending:
             if seg is not self._active:
@@ -214,6 +222,15 @@ class SegmentWriter:
             if self._active is not None:
                 self._active.close()
                 self._active = None
+
+
+def _sync_all(segments: list[_Active]) -> None:
+    if len(segments) == 1:
+        segments[0].sync()
+    elif segments:
+        # Side by side: the file system commits their metadata together.
+        with ThreadPoolExecutor(min(8, len(segments))) as pool:
+            list(pool.map(_Active.sync, segments))
 
 
 def _row(value: VectorLike) -> npt.NDArray[np.float32]:

@@ -71,22 +71,24 @@ def test_block_writes_read_back_in_runs_across_segments(tmp_path: Path) -> None:
 async def test_a_group_is_indexed_only_when_flushed(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Rows a writer has put are not indexed (their requests not done) until the
-    group's bytes are reached or the block ends; then all of them are."""
+    """Rows a writer has put are not indexed (their requests not done) before their
+    group reaches its bytes; a full group is indexed in the background, in order
+    (the next full group waits for it); the rest when the block ends."""
     monkeypatch.setattr(store_module, "GROUP_BYTES", 4 * DIMS * 4)
-    keys = [f"k{i}" for i in range(7)]
+    keys = [f"k{i}" for i in range(10)]
     await add_file(store, "job1", keys)
-    data = rows(7)
+    data = rows(10)
+    batch = [(k, data[i], 1) for i, k in enumerate(keys)]
     async with store.vector_writer(origin="b1", clock=lambda: NOW) as writer:
-        await writer.add([(k, data[i], 1) for i, k in enumerate(keys[:3])])
+        await writer.add(batch[:3])
         assert indexed(store) == set()
-        await writer.add([(k, data[i + 3], 1) for i, k in enumerate(keys[3:5])])
-        assert indexed(store) == set(keys[:5])  # 5 rows >= 4: flushed
-        await writer.add([(k, data[i + 5], 1) for i, k in enumerate(keys[5:])])
-        assert indexed(store) == set(keys[:5])
+        await writer.add(batch[3:5])  # 5 rows: a full group, indexed in the background
+        await writer.add(batch[5:9])  # another full group: waits for the first
+        assert set(keys[:5]) <= indexed(store) <= set(keys[:9])
+        await writer.add(batch[9:])
     assert indexed(store) == set(keys)
     got = np.stack([v for _, _, v in piece_vectors(store.path, "job1")])
-    assert np.array_equal(got, data)  # read back across three segments, in order
+    assert np.array_equal(got, data)  # read back across four segments, in order
 
 
 async def test_an_error_leaves_the_group_unindexed_and_sweepable(store: Store) -> None:
