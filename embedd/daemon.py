@@ -30,9 +30,9 @@ from collections.abc import Awaitable, Callable, Iterator
 
 import watchfiles
 
-from embedd.accounting import flush_ledger
 from embedd.api import OpenAIClient, make_session
 from embedd.breaker import Breaker
+from embedd.budget import flush_ledger
 from embedd.collector import poll_loop, sweep_local_files
 from embedd.config import Settings
 from embedd.crashpoints import fault_point

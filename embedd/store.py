@@ -22,6 +22,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiosqlite
 import numpy as np
@@ -32,6 +33,7 @@ from embedd.errors import FatalError
 from embedd.states import (
     FILE_ACTIVE,
     FILE_TRANSITIONS,
+    SHARD_IN_FLIGHT,
     SHARD_TRANSITIONS,
     sources,
 )
@@ -1143,8 +1145,8 @@ class Store:
             await tx.execute("UPDATE ledger SET written = 1 WHERE id = ?", (ident,))
 
     async def ledger_lines_since(self, ts: str) -> list[str]:
-        rows = await self._all("SELECT line FROM ledger WHERE ts >= ? AND kind != 'alert'", (ts,))
-        return [str(r[0]) for r in rows]
+        """The usage lines (no alerts) stamped `ts` or later (`ts`: `format_ts` text)."""
+        return [str(r[0]) for r in await self._all(_LEDGER_SINCE, (ts,))]
 
     async def set_fact(self, key: str, value: object) -> None:
         async with self.transaction() as tx:
@@ -1155,16 +1157,83 @@ class Store:
             )
 
     async def facts(self) -> dict[str, Any]:
-        rows = await self._all("SELECT key, value FROM daemon")
-        return {str(r[0]): json.loads(r[1]) for r in rows}
+        return {str(r[0]): json.loads(r[1]) for r in await self._all(_FACTS)}
 
     async def counts(self) -> dict[str, dict[str, int]]:
         """Files, requests and shards by state."""
         out: dict[str, dict[str, int]] = {}
-        for table in ("files", "requests", "shards"):
-            rows = await self._all(f"SELECT state, COUNT(*) FROM {table} GROUP BY state")
+        for table in _COUNTED:
+            rows = await self._all(_COUNT_SQL[table])
             out[table] = {str(r[0]): int(r[1]) for r in rows}
         return out
+
+
+# ---- reading without the daemon (`embedd status`) -------------------------------------
+#
+# Plain sqlite3 on a connection from `connect_readonly`: these only read, so they work
+# on a `mode=ro` or `immutable=1` connection while the daemon runs or not.
+
+_LEDGER_SINCE = "SELECT line FROM ledger WHERE ts >= ? AND kind != 'alert'"
+_FACTS = "SELECT key, value FROM daemon"
+_COUNTED = ("files", "requests", "shards")
+_COUNT_SQL = {t: f"SELECT state, COUNT(*) FROM {t} GROUP BY state" for t in _COUNTED}
+_IN_FLIGHT_SQL = (
+    "SELECT * FROM shards WHERE state IN ("
+    + ", ".join(f"'{s}'" for s in sorted(SHARD_IN_FLIGHT))
+    + ") ORDER BY created_at"
+)
+_ACTIVE_FILES_SQL = (
+    "SELECT f.job, f.name, f.lane, f.state, COUNT(p.key) AS pieces, "
+    "COUNT(v.key) AS embedded FROM files f "
+    "LEFT JOIN pieces p ON p.job = f.job LEFT JOIN vectors v ON v.key = p.key "
+    f"WHERE f.state IN {_ACTIVE_SQL} GROUP BY f.job "
+    "ORDER BY f.claimed_at LIMIT ?"
+)
+
+
+def connect_readonly(db: Path) -> sqlite3.Connection:
+    """Open the state database so that this process creates and changes nothing.
+
+    `mode=ro` alone is not enough: reading a WAL database makes SQLite create its
+    `-wal` and `-shm` files when they are missing, owned by whoever runs `embedd
+    status`, which the daemon (another user) then cannot write. While the daemon runs
+    both files exist and a read-only reader shares them; when they are missing the
+    daemon is stopped (or was stopped cleanly), nothing is in flight, and the file is
+    read as `immutable`, which takes no locks and creates no file.
+    """
+    wal, shm = Path(f"{db}-wal"), Path(f"{db}-shm")
+    query = "mode=ro" if wal.exists() and shm.exists() else "mode=ro&immutable=1"
+    conn = sqlite3.connect(f"file:{quote(str(db))}?{query}", uri=True, timeout=5.0)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def read_counts(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
+    """Files, requests and shards by state (as `Store.counts`)."""
+    return {
+        table: {str(r[0]): int(r[1]) for r in conn.execute(_COUNT_SQL[table])} for table in _COUNTED
+    }
+
+
+def read_facts(conn: sqlite3.Connection) -> dict[str, Any]:
+    """The daemon facts (as `Store.facts`)."""
+    return {str(r[0]): json.loads(r[1]) for r in conn.execute(_FACTS)}
+
+
+def read_shards_in_flight(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+    """The shards in `SHARD_IN_FLIGHT`, oldest first."""
+    return list(conn.execute(_IN_FLIGHT_SQL))
+
+
+def read_active_files(conn: sqlite3.Connection, limit: int = 50) -> list[sqlite3.Row]:
+    """The first `limit` files in `FILE_ACTIVE` by claim time, each with `pieces` (its
+    inputs) and `embedded` (how many have a vector)."""
+    return list(conn.execute(_ACTIVE_FILES_SQL, (limit,)))
+
+
+def read_ledger_lines_since(conn: sqlite3.Connection, ts: str) -> list[str]:
+    """The usage lines stamped `ts` or later (as `Store.ledger_lines_since`)."""
+    return [str(r[0]) for r in conn.execute(_LEDGER_SINCE, (ts,))]
 
 
 async def _insert_records(tx: _Tx, job: str, first: int, records: Sequence[NewRecord]) -> None:

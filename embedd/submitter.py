@@ -29,7 +29,7 @@ from typing import Any
 
 from embedd.api import CreateOutcomeUnknown
 from embedd.batchlines import encode_request_line
-from embedd.budgeting import submission_allowed
+from embedd.budget import submission_allowed
 from embedd.crashpoints import crash_point
 from embedd.errors import (
     APIPermanentError,

@@ -11,16 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from embedd.cost import (
-    DEFAULT_PRICES,
+from embedd.ledger import (
     AlertEntry,
+    Ledger,
+    LedgerCorrupt,
     LedgerEntry,
     Totals,
     make_entry,
     parse_line,
+    read_entries,
     to_json_line,
 )
-from embedd.ledger import Ledger, LedgerCorrupt, read_entries
+from embedd.prices import DEFAULT_PRICES
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 
