@@ -33,7 +33,7 @@ from embedd.errors import APIPermanentError, EmbeddError, SubmissionPaused, Tran
 from embedd.ledger import entry_row
 from embedd.planner import learn_queue_limit
 from embedd.runtime import Runtime
-from embedd.states import BATCH_TERMINAL
+from embedd.states import BATCH_TERMINAL, SHARD_IN_FLIGHT
 from embedd.vectors import VectorLike
 
 SLICE = 1000
@@ -50,12 +50,7 @@ def downloads_dir(rt: Runtime) -> Path:
 async def sweep_local_files(rt: Runtime) -> list[str]:
     """At start, before any stage runs: remove `state/shards/` and `state/downloads/`
     files (and `.part` leftovers) that no unfinished shard needs; return their names."""
-    keep = {
-        r["id"]
-        for r in await rt.store.shards_in(
-            "planned", "uploaded", "unknown", "submitted", "collecting"
-        )
-    }
+    keep = {r["id"] for r in await rt.store.shards_in(*SHARD_IN_FLIGHT)}
     removed: list[str] = []
     for folder in (rt.paths.state_dir / "shards", downloads_dir(rt)):
         if not folder.is_dir():

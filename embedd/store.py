@@ -32,10 +32,15 @@ from embedd.crashpoints import fault_point
 from embedd.errors import FatalError
 from embedd.states import (
     FILE_ACTIVE,
+    FILE_FINISHED,
     FILE_TRANSITIONS,
+    REQUEST_TRANSITIONS,
     SHARD_IN_FLIGHT,
     SHARD_TRANSITIONS,
+    SHARD_UPLOADED,
     sources,
+    sql_from,
+    sql_in,
 )
 from embedd.vectors import (
     SegmentInfo,
@@ -256,8 +261,13 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
-FILE_FINISHED = frozenset({"done", "failed"})
-_ACTIVE_SQL = "(" + ", ".join(f"'{s}'" for s in sorted(FILE_ACTIVE)) + ")"
+_ACTIVE_SQL = sql_in(FILE_ACTIVE)
+# Guards of the request moves written by hand below, checked against embedd.states
+# when this module loads (files and shards move through `move_file` / `move_shard`).
+_REVIVE = sql_from(REQUEST_TRANSITIONS, "pending", "failed")  # a new file queues it again
+_TO_PLANNED = sql_from(REQUEST_TRANSITIONS, "planned", "pending")
+_PLANNED_BACK = sql_from(REQUEST_TRANSITIONS, "pending", "planned")  # or on to failed
+_ABANDONABLE = sql_in(sources(SHARD_TRANSITIONS, "abandoned"))
 
 
 def db_text(text: str) -> str:
@@ -437,74 +447,15 @@ class Store:
         requests: Sequence[NewRequest],
         lane: str,
         now: float,
-    ) -> None:
-        """Store a parsed file's records and its new requests, and mark it queued."""
-        async with self.transaction() as tx:
-            fault_point("state_full")
-            await tx.executemany(
-                "INSERT INTO records (job, idx, rid, meta, tokens, chunks, cached) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        job,
-                        i,
-                        r.rid,
-                        None if r.meta is None else json.dumps(r.meta, ensure_ascii=False),
-                        r.tokens,
-                        len(r.pieces),
-                        int(r.cached),
-                    )
-                    for i, r in enumerate(records)
-                ],
-            )
-            await tx.executemany(
-                "INSERT INTO pieces (job, idx, chunk, key, tokens) VALUES (?, ?, ?, ?, ?)",
-                [
-                    (job, i, c, key, tokens)
-                    for i, r in enumerate(records)
-                    for c, (key, tokens) in enumerate(r.pieces)
-                ],
-            )
-            # A text already embedded needs no request; one already queued is shared;
-            # one that failed before gets a fresh chance with this new file.
-            await tx.executemany(
-                "INSERT INTO requests (key, input, tokens, qtokens, nbytes, lane, state, queued_at) "
-                "SELECT ?, ?, ?, ?, ?, ?, 'pending', ? "
-                "WHERE NOT EXISTS (SELECT 1 FROM vectors WHERE key = ?) "
-                "ON CONFLICT(key) DO UPDATE SET state = 'pending', attempts = 0, error = NULL, "
-                "shard = NULL, queued_at = excluded.queued_at, lane = excluded.lane "
-                "WHERE requests.state = 'failed'",
-                [
-                    (
-                        q.key,
-                        encode_input(q.input),
-                        q.tokens,
-                        q.qtokens,
-                        q.nbytes,
-                        lane,
-                        now,
-                        q.key,
-                    )
-                    for q in requests
-                ],
-            )
-            if lane == "sync":
-                # A sync file must not wait for a batch: move shared pending work over.
-                await tx.executemany(
-                    "UPDATE requests SET lane = 'sync' WHERE key = ? AND state = 'pending'",
-                    [(q.key,) for q in requests],
-                )
-            # A text met again is a use of its cached vector: its segment is kept longer.
-            await tx.execute(
-                "UPDATE segments SET used_at = MAX(used_at, ?) WHERE id IN ("
-                " SELECT v.segment FROM pieces p JOIN vectors v ON v.key = p.key WHERE p.job = ?)",
-                (now, job),
-            )
-            await tx.execute(
-                "UPDATE files SET state = 'queued', sha256 = ?, size = ?, records = ?, "
-                "tokens = ?, queued_at = ? WHERE job = ? AND state = 'claiming'",
-                (sha256, size, len(records), sum(r.tokens for r in records), now, job),
-            )
+    ) -> tuple[int, int, int]:
+        """Store a claimed file's records and requests and mark it queued, in one step.
+
+        A thin wrapper for tests and benchmarks: the file as the one and last batch of
+        `queue_staged`, the path intake takes (so `NewRecord.cached` is recomputed, as
+        intake does). Returns (records, tokens, cached records)."""
+        return await self.queue_staged(
+            job, last=(0, records, requests), sha256=sha256, size=size, lane=lane, now=now
+        )
 
     async def clear_claim(self, job: str) -> None:
         """Forget what an interrupted claim of `job` stored, to store it again."""
@@ -572,7 +523,7 @@ class Store:
                 "WHERE s.job = ? AND NOT EXISTS (SELECT 1 FROM vectors v WHERE v.key = s.key) "
                 "ON CONFLICT(key) DO UPDATE SET state = 'pending', attempts = 0, error = NULL, "
                 "shard = NULL, queued_at = excluded.queued_at, lane = excluded.lane "
-                "WHERE requests.state = 'failed'",
+                f"WHERE requests.state IN {_REVIVE}",
                 (lane, now, job),
             )
             final = [] if last is None else last[2]
@@ -582,7 +533,7 @@ class Store:
                 "WHERE NOT EXISTS (SELECT 1 FROM vectors WHERE key = ?) "
                 "ON CONFLICT(key) DO UPDATE SET state = 'pending', attempts = 0, error = NULL, "
                 "shard = NULL, queued_at = excluded.queued_at, lane = excluded.lane "
-                "WHERE requests.state = 'failed'",
+                f"WHERE requests.state IN {_REVIVE}",
                 [
                     (q.key, encode_input(q.input), q.tokens, q.qtokens, q.nbytes, lane, now, q.key)
                     for q in final
@@ -681,7 +632,7 @@ class Store:
         """Delete the rows of files that finished before `before` (records, pieces, the
         file) and of shards that ended before it; the ledger stays. Returns files pruned."""
         old = (
-            "SELECT job FROM files WHERE state IN ('done', 'failed') "
+            f"SELECT job FROM files WHERE state IN {sql_in(FILE_FINISHED)} "
             "AND COALESCE(completed_at, queued_at, claimed_at) < ?"
         )
         async with self.transaction() as tx:
@@ -827,7 +778,8 @@ class Store:
                 (shard, str(path), len(keys), nbytes, tokens, qtokens, now),
             )
             await tx.executemany(
-                "UPDATE requests SET state = 'planned', shard = ? WHERE key = ? AND state = 'pending'",
+                "UPDATE requests SET state = 'planned', shard = ? WHERE key = ? "
+                f"AND state IN {_TO_PLANNED}",
                 [(shard, k) for k in keys],
             )
             # The shard's own membership: what its batch file holds, whatever becomes
@@ -856,6 +808,9 @@ class Store:
             return cur.rowcount == 1
 
     async def update_shard(self, shard: str, **fields: object) -> None:
+        """Set columns of a shard other than its state (`move_shard` moves it)."""
+        if "state" in fields:
+            raise ValueError("update_shard does not move a shard: use move_shard")
         sets = ", ".join(f"{k} = ?" for k in fields)
         async with self.transaction() as tx:
             await tx.execute(f"UPDATE shards SET {sets} WHERE id = ?", (*fields.values(), shard))
@@ -885,12 +840,12 @@ class Store:
             await tx.execute(
                 "UPDATE requests SET attempts = attempts + 1, error = ?, shard = NULL, "
                 "state = CASE WHEN attempts + 1 > ? THEN 'failed' ELSE 'pending' END "
-                "WHERE shard = ? AND state = 'planned'",
+                f"WHERE shard = ? AND state IN {_PLANNED_BACK}",
                 (f"batch submission refused: {error}", max_retries, shard),
             )
             await tx.execute(
                 "UPDATE shards SET state = 'abandoned', error = ?, ended_at = ? WHERE id = ? "
-                "AND state IN ('planned', 'uploaded', 'unknown')",
+                f"AND state IN {_ABANDONABLE}",
                 (error, now, shard),
             )
 
@@ -985,8 +940,7 @@ class Store:
 
     async def queue_tokens_in_flight(self) -> int:
         row = await self._one(
-            "SELECT COALESCE(SUM(qtokens), 0) FROM shards "
-            "WHERE state IN ('uploaded', 'unknown', 'submitted', 'collecting')"
+            f"SELECT COALESCE(SUM(qtokens), 0) FROM shards WHERE state IN {sql_in(SHARD_UPLOADED)}"
         )
         return int(row[0]) if row else 0
 
@@ -1082,12 +1036,11 @@ class Store:
         async with self.transaction() as tx:
             await tx.execute(
                 "UPDATE requests SET state = 'pending', shard = NULL WHERE shard = ? "
-                "AND state = 'planned'",
+                f"AND state IN {_PLANNED_BACK}",
                 (shard,),
             )
             await tx.execute(
-                "UPDATE shards SET state = 'abandoned' WHERE id = ? "
-                "AND state IN ('planned', 'uploaded', 'unknown')",
+                f"UPDATE shards SET state = 'abandoned' WHERE id = ? AND state IN {_ABANDONABLE}",
                 (shard,),
             )
 

@@ -13,7 +13,13 @@ from typing import Any
 import pytest
 
 from embedd.errors import FatalError
-from embedd.states import FILE_TRANSITIONS, REQUEST_TRANSITIONS, SHARD_TRANSITIONS, check_sql
+from embedd.states import (
+    FILE_TRANSITIONS,
+    REQUEST_TRANSITIONS,
+    SHARD_TRANSITIONS,
+    can_move,
+    check_sql,
+)
 from embedd.store import (
     MIGRATIONS,
     SCHEMA_VERSION,
@@ -26,14 +32,47 @@ from embedd.store import (
 NOW = 1_700_000_000.0
 
 
+STATE_TABLES = {
+    "files": FILE_TRANSITIONS,
+    "requests": REQUEST_TRANSITIONS,
+    "shards": SHARD_TRANSITIONS,
+}
+
+
+def watch_moves(path: Path) -> None:
+    """Record every state change made to the database at `path` (SQLite triggers
+    writing to a `test_moves` table), whichever statement makes it."""
+    db = sqlite3.connect(path)
+    try:
+        db.execute("CREATE TABLE test_moves (tbl TEXT, old TEXT, new TEXT)")
+        for table in STATE_TABLES:
+            record = f"INSERT INTO test_moves VALUES ('{table}', OLD.state, NEW.state)"  # noqa: S608
+            db.execute(
+                f"CREATE TRIGGER test_move_{table} AFTER UPDATE OF state ON {table} "
+                f"WHEN OLD.state IS NOT NEW.state BEGIN {record}; END"
+            )
+        db.commit()
+    finally:
+        db.close()
+
+
+def unlisted_moves(path: Path) -> set[tuple[str, str, str]]:
+    """The recorded state changes that embedd.states does not list."""
+    moves = peek(path, "SELECT DISTINCT tbl, old, new FROM test_moves")
+    return {(t, o, n) for t, o, n in moves if not can_move(STATE_TABLES[t], o, n)}
+
+
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    """A fresh store on a real file; always closed."""
+    """A fresh store on a real file; always closed. Every state change a test makes
+    through it must be a transition embedd.states lists."""
     s = await Store.open(tmp_path / "s.sqlite3")
+    watch_moves(s.path)
     try:
         yield s
     finally:
         await s.close()
+    assert unlisted_moves(s.path) == set()
 
 
 def schema(path: Path) -> list[tuple[Any, ...]]:
@@ -174,9 +213,12 @@ async def test_migration_keeps_shards_and_records_their_membership(tmp_path: Pat
         assert row is not None
         assert (row["state"], row["batch_id"], row["lookups"]) == ("submitted", "batch_1", 0)
         assert await s.shard_members("s1") == {"a": 3, "b": 4}
-        await s.update_shard("s1", state="unknown")  # admitted by the new CHECK
     finally:
         await s.close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE shards SET state = 'unknown' WHERE id = 's1'")  # admitted by the new CHECK
+    db.commit()
+    db.close()
 
 
 @pytest.mark.parametrize("start", range(SCHEMA_VERSION + 1))
@@ -283,6 +325,36 @@ async def test_failed_text_is_retried_for_a_new_file(store: Store) -> None:
     await apply(store, fail=[("k:hello", "invalid input")])
     await add_file(store, "job2", ["hello"], now=NOW + 1)
     assert request_row(store, "k:hello") == ("pending", 0, None, None)
+    # A listed transition (failed -> pending), recorded like any other move.
+    assert peek(store.path, "SELECT old, new FROM test_moves WHERE tbl = 'requests'") == [
+        ("pending", "failed"),
+        ("failed", "pending"),
+    ]
+
+
+async def test_watched_store_sees_a_move_outside_the_state_tables(store: Store) -> None:
+    """The fixture's check is real: a change the tables do not list is reported."""
+    await add_file(store, "job1", ["hello"])
+    db = sqlite3.connect(store.path)
+    db.execute("UPDATE requests SET state = 'done' WHERE key = 'k:hello'")
+    db.execute("UPDATE requests SET state = 'pending' WHERE key = 'k:hello'")
+    db.commit()
+    db.close()
+    assert unlisted_moves(store.path) == {("requests", "done", "pending")}
+    db = sqlite3.connect(store.path)
+    db.execute("DELETE FROM test_moves")  # leave the fixture's own check clean
+    db.commit()
+    db.close()
+
+
+async def test_update_shard_refuses_to_move_a_shard(store: Store) -> None:
+    """A shard's state changes only through move_shard, which follows the table."""
+    await add_file(store, "job1", ["a"])
+    await plan(store, "s1", ["k:a"])
+    with pytest.raises(ValueError, match="move_shard"):
+        await store.update_shard("s1", state="collected")
+    assert not await store.move_shard("s1", "collected")
+    assert (await store.shard("s1"))["state"] == "planned"  # type: ignore[index]
 
 
 async def test_known_keys_are_embedded_or_queued(store: Store) -> None:
