@@ -5,9 +5,12 @@ at a time (an asyncio lock), explicit `BEGIN IMMEDIATE` / `COMMIT`: a transactio
 all-or-nothing across a crash, and a cancelled caller never leaves one open — the
 commit and the rollback are shielded from cancellation.
 
-Schema history lives in `MIGRATIONS`; `PRAGMA user_version` says how far a database
-has come. A fresh database runs every migration in order, so an old database that is
-migrated ends up exactly like a new one (a test checks this).
+Schema history lives in `MIGRATIONS` (literal SQL, frozen once released); `PRAGMA
+user_version` says how far a database has come. A fresh database runs every migration
+in order, so an old database that is migrated ends up exactly like a new one. `SCHEMA`
+is where they lead, written out to read; a test checks that a database built through
+every migration and one built from `SCHEMA` have the same tables, columns, CHECKs and
+indexes, and that the state CHECKs admit exactly the states of embedd.states.
 """
 
 from __future__ import annotations
@@ -261,6 +264,155 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
+
+# The schema `MIGRATIONS` lead to, written out in one place to read (tables in the
+# order of the flow). Databases are built by the migrations; a test builds one from
+# this text too and compares the two (tables, columns, CHECKs, indexes), and compares
+# the state CHECKs with embedd.states. A new migration updates this text as well.
+SCHEMA = """
+CREATE TABLE files (
+    job TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    lane TEXT NOT NULL CHECK (lane IN ('batch', 'sync')),
+    state TEXT NOT NULL CHECK (state IN ('claiming', 'done', 'failed', 'queued', 'writing')),
+    sha256 TEXT,
+    size INTEGER,
+    records INTEGER,
+    tokens INTEGER,
+    claimed_at REAL NOT NULL,
+    queued_at REAL,
+    completed_at REAL,
+    reason TEXT,
+    result TEXT
+);
+CREATE INDEX files_state ON files(state);
+CREATE TABLE records (
+    job TEXT NOT NULL REFERENCES files(job),
+    idx INTEGER NOT NULL,
+    rid TEXT NOT NULL,
+    meta TEXT,
+    tokens INTEGER NOT NULL,
+    chunks INTEGER NOT NULL,
+    cached INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (job, idx)
+);
+CREATE TABLE pieces (
+    job TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    chunk INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    tokens INTEGER NOT NULL,
+    PRIMARY KEY (job, idx, chunk)
+);
+CREATE INDEX pieces_key ON pieces(key);
+CREATE TABLE staged (
+    job TEXT NOT NULL,
+    key TEXT NOT NULL,
+    input TEXT NOT NULL,
+    tokens INTEGER NOT NULL,
+    qtokens INTEGER NOT NULL,
+    nbytes INTEGER NOT NULL,
+    PRIMARY KEY (job, key)
+);
+CREATE TABLE requests (
+    key TEXT PRIMARY KEY,
+    input TEXT NOT NULL,
+    tokens INTEGER NOT NULL,
+    qtokens INTEGER NOT NULL,
+    nbytes INTEGER NOT NULL,
+    lane TEXT NOT NULL CHECK (lane IN ('batch', 'sync')),
+    state TEXT NOT NULL CHECK (state IN ('done', 'failed', 'pending', 'planned')),
+    shard TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    queued_at REAL NOT NULL
+);
+CREATE INDEX requests_pending ON requests(state, lane, queued_at);
+CREATE INDEX requests_shard ON requests(shard);
+CREATE TABLE shards (
+    id TEXT PRIMARY KEY,
+    state TEXT NOT NULL CHECK (state IN ('abandoned', 'collected', 'collecting', 'planned', 'submitted', 'unknown', 'uploaded')),
+    path TEXT NOT NULL,
+    lines INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    tokens INTEGER NOT NULL,
+    qtokens INTEGER NOT NULL,
+    file_id TEXT,
+    batch_id TEXT UNIQUE,
+    status TEXT,
+    request_counts TEXT,
+    created_at REAL NOT NULL,
+    submitted_at REAL,
+    expires_at REAL,
+    polled_at REAL,
+    ended_at REAL,
+    final TEXT,
+    error TEXT,
+    unknown_since REAL,
+    lookup_at REAL,
+    lookups INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX shards_state ON shards(state);
+CREATE TABLE shard_members (
+    shard TEXT NOT NULL,
+    key TEXT NOT NULL,
+    tokens INTEGER NOT NULL,
+    PRIMARY KEY (shard, key)
+);
+CREATE TABLE stray_batches (
+    batch_id TEXT PRIMARY KEY,
+    shard TEXT NOT NULL,
+    status TEXT,
+    found_at REAL NOT NULL,
+    settled_at REAL
+);
+CREATE TABLE remote_deletes (
+    file_id TEXT PRIMARY KEY,
+    shard TEXT,
+    kind TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_at REAL NOT NULL,
+    error TEXT,
+    created_at REAL NOT NULL
+);
+CREATE TABLE vectors (
+    key TEXT PRIMARY KEY,
+    segment INTEGER NOT NULL,
+    row INTEGER NOT NULL,
+    tokens INTEGER,
+    origin TEXT,
+    created_at REAL NOT NULL
+);
+CREATE INDEX vectors_segment ON vectors(segment);
+CREATE TABLE segments (
+    id INTEGER PRIMARY KEY,
+    dims INTEGER NOT NULL,
+    capacity INTEGER NOT NULL,
+    rows INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    used_at REAL NOT NULL
+);
+CREATE TABLE ledger (
+    id TEXT PRIMARY KEY,
+    ts TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    line TEXT NOT NULL,
+    written INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE unit_attempts (
+    stage TEXT NOT NULL,
+    unit TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    started_at REAL NOT NULL,
+    PRIMARY KEY (stage, unit)
+);
+CREATE TABLE daemon (
+    key TEXT PRIMARY KEY,
+    value TEXT
+);
+"""
 _ACTIVE_SQL = sql_in(FILE_ACTIVE)
 # Guards of the request moves written by hand below, checked against embedd.states
 # when this module loads (files and shards move through `move_file` / `move_shard`).

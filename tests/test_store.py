@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 import threading
 import time
@@ -18,10 +19,10 @@ from embedd.states import (
     REQUEST_TRANSITIONS,
     SHARD_TRANSITIONS,
     can_move,
-    check_sql,
 )
 from embedd.store import (
     MIGRATIONS,
+    SCHEMA,
     SCHEMA_VERSION,
     NewRecord,
     NewRequest,
@@ -171,19 +172,111 @@ async def apply(s: Store, **changes: Any) -> None:
 # ---- schema and migrations ------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("table", "states"),
-    [("files", FILE_TRANSITIONS), ("requests", REQUEST_TRANSITIONS), ("shards", SHARD_TRANSITIONS)],
-)
-async def test_live_state_checks_match_the_state_tables(
-    tmp_path: Path, table: str, states: Any
-) -> None:
-    """The migrations are frozen SQL: when embedd.states gains a state, this fails
-    until a new migration admits it (rebuilding the table: a CHECK cannot be altered)."""
-    s = await Store.open(tmp_path / "s.sqlite3")
+def _checks(sql: str) -> list[str]:
+    """The CHECK constraints in a CREATE TABLE statement, whitespace normalized."""
+    found = []
+    start = sql.find("CHECK")
+    while start >= 0:
+        depth, end = 0, sql.index("(", start)
+        while True:
+            depth += {"(": 1, ")": -1}.get(sql[end], 0)
+            if depth == 0:
+                break
+            end += 1
+        found.append(" ".join(sql[start : end + 1].split()))
+        start = sql.find("CHECK", end)
+    return sorted(found)
+
+
+def structure(path: Path) -> dict[str, dict[str, Any]]:
+    """Each table's columns (in order), CHECKs, indexes and foreign keys: what a
+    database's schema means, whatever text made it (CREATE or ALTER, in any order)."""
+    db = sqlite3.connect(path)
+    try:
+        out: dict[str, dict[str, Any]] = {}
+        for name, sql in db.execute(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+        ):
+            indexes = []
+            for _, index, unique, origin, partial in db.execute(f"PRAGMA index_list({name})"):
+                columns = tuple(c[2] for c in db.execute(f"PRAGMA index_info({index})"))
+                where = db.execute(
+                    "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = ?", (index,)
+                ).fetchone()
+                indexes.append((index, unique, origin, partial, columns, where))
+            out[name] = {
+                "columns": [tuple(r[1:]) for r in db.execute(f"PRAGMA table_info({name})")],
+                "checks": _checks(sql),
+                "indexes": sorted(indexes, key=repr),
+                "foreign_keys": sorted(
+                    tuple(r[2:]) for r in db.execute(f"PRAGMA foreign_key_list({name})")
+                ),
+            }
+        return out
+    finally:
+        db.close()
+
+
+def state_checks(path: Path) -> dict[str, set[str]]:
+    """The states each table's `state` CHECK admits."""
+    admitted = {}
+    for table, parts in structure(path).items():
+        for check in parts["checks"]:
+            if check.startswith("CHECK (state IN ("):
+                admitted[table] = set(re.findall(r"'([^']*)'", check))
+    return admitted
+
+
+def build_from_schema(path: Path) -> None:
+    db = sqlite3.connect(path)
+    try:
+        db.executescript(SCHEMA)
+    finally:
+        db.close()
+
+
+async def test_every_migration_leads_to_the_schema_definition(tmp_path: Path) -> None:
+    """A database built through every migration has exactly the tables, columns,
+    CHECKs, indexes and foreign keys of one built from `SCHEMA`."""
+    migrated, defined = tmp_path / "migrated.sqlite3", tmp_path / "defined.sqlite3"
+    build_to(migrated, SCHEMA_VERSION)
+    build_from_schema(defined)
+    assert structure(migrated) == structure(defined)
+    s = await Store.open(tmp_path / "opened.sqlite3")  # what the daemon builds
     await s.close()
-    sql = peek(s.path, "SELECT sql FROM sqlite_master WHERE name = ?", (table,))[0][0]
-    assert check_sql("state", states) in sql
+    assert structure(tmp_path / "opened.sqlite3") == structure(defined)
+
+
+async def test_state_checks_admit_exactly_the_states_of_embedd_states(tmp_path: Path) -> None:
+    """The migrations are frozen SQL: when embedd.states gains (or loses) a state, this
+    fails until a new migration changes the CHECK (rebuilding the table: a CHECK cannot
+    be altered) and `SCHEMA` says so too."""
+    migrated, defined = tmp_path / "migrated.sqlite3", tmp_path / "defined.sqlite3"
+    build_to(migrated, SCHEMA_VERSION)
+    build_from_schema(defined)
+    wanted = {table: set(states) for table, states in STATE_TABLES.items()}
+    assert state_checks(migrated) == wanted
+    assert state_checks(defined) == wanted
+
+
+def test_structure_sees_a_changed_check_column_and_index(tmp_path: Path) -> None:
+    """The comparison is real: each kind of difference changes the structure."""
+    base = tmp_path / "base.sqlite3"
+    build_from_schema(base)
+    changes = [
+        SCHEMA.replace("'queued', 'writing'", "'queued', 'waiting', 'writing'"),
+        SCHEMA.replace("    reason TEXT,\n", "    reason TEXT NOT NULL DEFAULT '',\n"),
+        SCHEMA.replace("CREATE INDEX files_state ON files(state);", ""),
+        SCHEMA.replace("requests(state, lane, queued_at)", "requests(state, queued_at, lane)"),
+    ]
+    for number, changed in enumerate(changes):
+        assert changed != SCHEMA
+        other = tmp_path / f"changed{number}.sqlite3"
+        db = sqlite3.connect(other)
+        db.executescript(changed)
+        db.close()
+        assert structure(other) != structure(base), number
+    assert state_checks(tmp_path / "changed0.sqlite3")["files"] == {*FILE_TRANSITIONS, "waiting"}
 
 
 async def test_migration_keeps_shards_and_records_their_membership(tmp_path: Path) -> None:
