@@ -242,8 +242,9 @@ async def spend(rt: Runtime, now: datetime) -> Spend:
     month_ts = format_ts(period_start(now, "monthly"))
     billed = rt.ledger.remembered_spend(day_ts, month_ts)
     if billed is None:
+        generation = rt.ledger.generation
         billed = period_spend(await rt.store.ledger_lines_since(month_ts), day_ts)
-        rt.ledger.remember_spend(day_ts, month_ts, billed)
+        rt.ledger.remember_spend(day_ts, month_ts, billed, generation)
     # Shards whose batch may still bill: planned and submitted but not yet collected.
     tokens = sum(int(r["tokens"]) for r in await rt.store.shards_in(*SHARD_IN_FLIGHT))
     in_flight = lane_cost(rt.prices, rt.settings.openai_model, tokens, "batch")

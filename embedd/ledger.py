@@ -529,7 +529,8 @@ class Ledger:
         self._totals = Totals()
         # The spend of a period only changes when a line is appended: remembered per
         # (day, month) until then, so a budget check does not re-read the month each time.
-        self._spend: dict[tuple[str, str], PeriodSpend] = {}
+        self._generation = 0  # lines remembered so far
+        self._spend: dict[tuple[str, str, int], PeriodSpend] = {}
         created = not path.exists()
         self._fd = os.open(
             path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE
@@ -573,18 +574,28 @@ class Ledger:
     def _remember(self, entry: Entry) -> None:
         self._keys.add(entry.key)
         self._totals = self._totals.add(entry)
+        self._generation += 1
         self._spend.clear()
+
+    @property
+    def generation(self) -> int:
+        """Changes whenever a line is appended (read it before computing a spend)."""
+        with self._lock:
+            return self._generation
 
     def remembered_spend(self, day_ts: str, month_ts: str) -> PeriodSpend | None:
         """The spend kept by `remember_spend` for this day and month, unless a line was
         appended since."""
         with self._lock:
-            return self._spend.get((day_ts, month_ts))
+            return self._spend.get((day_ts, month_ts, self._generation))
 
-    def remember_spend(self, day_ts: str, month_ts: str, spend: PeriodSpend) -> None:
-        """Keep `spend` of this day and month until the next line is appended."""
+    def remember_spend(
+        self, day_ts: str, month_ts: str, spend: PeriodSpend, generation: int
+    ) -> None:
+        """Keep `spend` of this day and month, computed at `generation`, until the next
+        line is appended (nothing is kept if one was appended meanwhile)."""
         with self._lock:
-            self._spend = {(day_ts, month_ts): spend}
+            self._spend = {(day_ts, month_ts, generation): spend}
 
     def _write(self, data: bytes) -> None:
         """Append `data` and fsync; on failure cut the file back so no torn line stays."""
