@@ -33,12 +33,8 @@ import orjson
 import pybase64
 
 from embedd.errors import EmbeddError
+from embedd.prices import NATIVE_DIMENSIONS
 
-NATIVE_DIMENSIONS = {
-    "text-embedding-3-large": 3072,
-    "text-embedding-3-small": 1536,
-    "text-embedding-ada-002": 1536,
-}
 # Models that reject the `dimensions` parameter altogether.
 FIXED_DIMENSION_MODELS = frozenset({"text-embedding-ada-002"})
 

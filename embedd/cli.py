@@ -279,7 +279,7 @@ def submit_main(
 
 
 def _status(settings: Settings, *, as_json: bool, watch: bool) -> int:
-    from embedd.cost import format_usd
+    from embedd.prices import format_usd
     from embedd.status import status_main
 
     def usd(value: Decimal | None) -> str | None:

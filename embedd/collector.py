@@ -26,14 +26,14 @@ from pathlib import Path
 from typing import IO, Any
 
 from embedd import metrics
-from embedd.accounting import flush_ledger, ledger_time
 from embedd.batchlines import LineResult, MalformedLine, parse_output_line
-from embedd.cost import entry_row, make_entry
+from embedd.budget import entry_maker, flush_ledger
 from embedd.crashpoints import crash_point
 from embedd.errors import APIPermanentError, EmbeddError, SubmissionPaused, TransientError
+from embedd.ledger import entry_row
 from embedd.planner import learn_queue_limit
 from embedd.runtime import Runtime
-from embedd.states import BATCH_TERMINAL
+from embedd.states import BATCH_TERMINAL, SHARD_IN_FLIGHT
 from embedd.vectors import VectorLike
 
 SLICE = 1000
@@ -50,12 +50,7 @@ def downloads_dir(rt: Runtime) -> Path:
 async def sweep_local_files(rt: Runtime) -> list[str]:
     """At start, before any stage runs: remove `state/shards/` and `state/downloads/`
     files (and `.part` leftovers) that no unfinished shard needs; return their names."""
-    keep = {
-        r["id"]
-        for r in await rt.store.shards_in(
-            "planned", "uploaded", "unknown", "submitted", "collecting"
-        )
-    }
+    keep = {r["id"] for r in await rt.store.shards_in(*SHARD_IN_FLIGHT)}
     removed: list[str] = []
     for folder in (rt.paths.state_dir / "shards", downloads_dir(rt)):
         if not folder.is_dir():
@@ -232,18 +227,12 @@ async def collect(rt: Runtime, shard: str, batch: dict[str, Any]) -> None:
     if not exact and completed and not tokens:
         tokens = sum(sent[k] for k in seen if k not in unbilled)
     if completed or tokens:
-        entry = make_entry(
+        entry = entry_maker(rt).usage(
             "batch",
             batch_id=batch_id,
-            model=s.openai_model,
-            dimensions=s.openai_dimensions,
             requests=completed,
             tokens=tokens,
             estimated_tokens=sum(sent[k] for k in seen if k not in unbilled),
-            dedup_tokens=0,
-            emulated=rt.emulated,
-            prices=rt.prices,
-            now=ledger_time(rt),
             estimated=not exact,
         )
         ledger_row = entry_row(entry)
@@ -414,7 +403,6 @@ async def poll_strays(rt: Runtime) -> None:
     Their output is not used (the shard's own batch carries its work); what OpenAI
     billed for them still gets exactly one `batch` ledger line (SPEC §6).
     """
-    s = rt.settings
     for row in await rt.store.open_strays():
         if rt.stopping.is_set():
             return
@@ -443,18 +431,12 @@ async def poll_strays(rt: Runtime) -> None:
             tokens = round(sum(members.values()) * share)
         ledger_row = None
         if completed or tokens:
-            entry = make_entry(
+            entry = entry_maker(rt).usage(
                 "batch",
                 batch_id=batch_id,
-                model=s.openai_model,
-                dimensions=s.openai_dimensions,
                 requests=completed,
                 tokens=tokens,
                 estimated_tokens=0,
-                dedup_tokens=0,
-                emulated=rt.emulated,
-                prices=rt.prices,
-                now=ledger_time(rt),
                 estimated=not exact,
             )
             ledger_row = entry_row(entry)

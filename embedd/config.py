@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from embedd.errors import ConfigError
+from embedd.prices import DEFAULT_PRICES, NATIVE_DIMENSIONS, Price
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -35,12 +36,6 @@ _UNIT_BYTES = {
     "KiB": 2**10,
     "MiB": 2**20,
     "GiB": 2**30,
-}
-
-NATIVE_DIMENSIONS = {
-    "text-embedding-3-large": 3072,
-    "text-embedding-3-small": 1536,
-    "text-embedding-ada-002": 1536,
 }
 
 
@@ -409,12 +404,6 @@ KEYS: tuple[Key, ...] = (
     ),
 )
 
-DEFAULT_PRICES: dict[str, tuple[Decimal, Decimal]] = {
-    "text-embedding-3-large": (Decimal("0.13"), Decimal("0.065")),
-    "text-embedding-3-small": (Decimal("0.02"), Decimal("0.01")),
-    "text-embedding-ada-002": (Decimal("0.10"), Decimal("0.05")),
-}
-
 
 @dataclass(frozen=True)
 class Settings:
@@ -464,14 +453,12 @@ class Settings:
     emulator_phase_time: float
     emulator_poll_interval: float
     metrics_listen: str | None
-    prices: Mapping[str, tuple[Decimal, Decimal]] = field(
-        default_factory=lambda: dict(DEFAULT_PRICES)
-    )
+    prices: Mapping[str, Price] = field(default_factory=lambda: dict(DEFAULT_PRICES))
     emulate: bool = False
 
     @property
-    def price(self) -> tuple[Decimal, Decimal]:
-        """(standard, batch) USD per 1M tokens of the configured model."""
+    def price(self) -> Price:
+        """USD per 1M tokens (standard, batch) of the configured model."""
         return self.prices[self.openai_model]
 
     @property
@@ -485,14 +472,14 @@ def _bad(key: str, value: object, allowed: str) -> ConfigError:
     return ConfigError(f"{key} = {value!r} is not valid: expected {allowed}")
 
 
-def _parse_prices(table: object) -> dict[str, tuple[Decimal, Decimal]]:
+def _parse_prices(table: object) -> dict[str, Price]:
     # A [cost.prices] table is the whole price list (it is not merged with the
     # defaults), so a model left out of it has no price: a config error.
     if table is None:
         return dict(DEFAULT_PRICES)
     if not isinstance(table, dict):
         raise _bad("[cost.prices]", table, "a table of models")
-    prices: dict[str, tuple[Decimal, Decimal]] = {}
+    prices: dict[str, Price] = {}
     for model, entry in table.items():
         where = f'[cost.prices] "{model}"'
         if not isinstance(entry, dict) or set(entry) != {"standard", "batch"}:
@@ -500,7 +487,7 @@ def _parse_prices(table: object) -> dict[str, tuple[Decimal, Decimal]]:
                 where, entry, "{standard = <USD per 1M tokens>, batch = <USD per 1M tokens>}"
             )
         try:
-            prices[model] = (_money(entry["standard"]), _money(entry["batch"]))
+            prices[model] = Price(_money(entry["standard"]), _money(entry["batch"]))
         except ValueError as exc:
             raise _bad(where, entry, str(exc)) from None
     return prices

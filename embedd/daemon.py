@@ -30,9 +30,9 @@ from collections.abc import Awaitable, Callable, Iterator
 
 import watchfiles
 
-from embedd.accounting import flush_ledger
 from embedd.api import OpenAIClient, make_session
 from embedd.breaker import Breaker
+from embedd.budget import flush_ledger
 from embedd.collector import poll_loop, sweep_local_files
 from embedd.config import Settings
 from embedd.crashpoints import fault_point
@@ -48,6 +48,7 @@ from embedd.retry import RetryPolicy
 from embedd.runtime import Runtime
 from embedd.safety import check_ownership, check_spool_safety
 from embedd.spool import SpoolPaths, check_same_filesystem, scan, sweep_stale_temps
+from embedd.states import FILE_ACTIVE
 from embedd.store import Store
 from embedd.submitter import pause, reconcile, submit_loop
 from embedd.supervise import Action, verdict
@@ -401,7 +402,7 @@ async def _stop_when_idle(rt: Runtime) -> None:
     while not rt.stopping.is_set():
         await rt.wake.wait("idle", 0.5)
         counts = await rt.store.counts()
-        busy = sum(counts["files"].get(s, 0) for s in ("claiming", "queued", "writing"))
+        busy = sum(counts["files"].get(s, 0) for s in FILE_ACTIVE)
         entries = await asyncio.to_thread(_inbox_has_work, rt.paths)
         if not busy and not entries:
             rt.stopping.set()

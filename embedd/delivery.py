@@ -23,19 +23,21 @@ import numpy as np
 import numpy.typing as npt
 
 from embedd import metrics
-from embedd.accounting import record_dedup
-from embedd.cost import cost, money
+from embedd.budget import record_dedup
 from embedd.crashpoints import crash_point, fault_point
 from embedd.errors import InputRejected
 from embedd.intake import refuse
+from embedd.ledger import format_ts
 from embedd.outbox import RowStream, finish_input, write_result
+from embedd.prices import lane_cost
 from embedd.runtime import Runtime
 from embedd.store import piece_vectors
 from embedd.tokens import combine_chunks
 
 
 def rfc3339(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+    """`ts` (seconds since the epoch) in the ledger's one timestamp format."""
+    return format_ts(datetime.fromtimestamp(ts, UTC))
 
 
 async def deliver_loop(rt: Runtime) -> None:
@@ -94,8 +96,6 @@ async def deliver(rt: Runtime, row: Any) -> None:
         functools.partial(record_rows, piece_vectors(rt.store.path, job)),
     )
     s = rt.settings
-    standard, batch = rt.prices[s.openai_model].standard, rt.prices[s.openai_model].batch
-    price = standard if row["lane"] == "sync" else batch
     billed = sum(r["tokens"] for r in records if not r["cached"])
     manifest: dict[str, Any] = {
         "source": name,
@@ -107,7 +107,9 @@ async def deliver(rt: Runtime, row: Any) -> None:
         "emulated": rt.emulated,
         "records": [_record_entry(r, chunks[i]) for i, r in enumerate(records)],
         "tokens": sum(r["tokens"] for r in records),
-        "cost_usd": money(cost(billed, price)),  # Decimal: written exactly
+        "cost_usd": lane_cost(
+            rt.prices, s.openai_model, billed, row["lane"]
+        ),  # Decimal: written exactly
         "batches": sorted(origins),
         "submitted_at": rfc3339(row["claimed_at"]),
         "completed_at": rfc3339(rt.clock()),

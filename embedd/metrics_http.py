@@ -28,11 +28,11 @@ from prometheus_client.registry import Collector
 
 from embedd import metrics
 from embedd.runtime import Runtime
-from embedd.states import SHARD_IN_FLIGHT
+from embedd.states import REQUEST_OPEN, SHARD_IN_FLIGHT
 from embedd.vectors import cache_bytes
 
 # Requests still waiting in the queue: not yet in a batch, or in one in flight.
-QUEUE_STATES = ("pending", "planned")
+QUEUE_STATES = tuple(sorted(REQUEST_OPEN))
 
 
 @dataclass(frozen=True)

@@ -32,9 +32,9 @@ import numpy as np
 import numpy.typing as npt
 from numpy.lib import format as npy_format
 
-from embedd.cost import dumps_document
 from embedd.crashpoints import crash_point
 from embedd.errors import InputRejected
+from embedd.jsonio import dumps_document
 from embedd.spool import (
     SpoolPaths,
     Writer,

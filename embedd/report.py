@@ -9,7 +9,7 @@ usage and are left out.
 
 Formats: `table` is for people (money at display precision, totals last); `csv`
 (header + rows, exact decimals, opens in a spreadsheet) and `json` (money as exact
-JSON numbers, see `embedd.cost`) are for programs.
+JSON numbers, see `embedd.jsonio`) are for programs.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 from typing import Literal, TypeAlias
 
-from embedd.cost import Entry, LedgerEntry, dumps_exact, format_usd
-from embedd.ledger import LedgerCorrupt, read_entries
+from embedd.jsonio import dumps_exact
+from embedd.ledger import Entry, LedgerCorrupt, LedgerEntry, Totals, read_entries
+from embedd.prices import format_usd
 
 Grouping: TypeAlias = Literal["day", "week", "month"]
 Format: TypeAlias = Literal["table", "csv", "json"]
@@ -71,56 +72,32 @@ def period_of(day: date, by: Grouping) -> str:
     return f"{day.year:04d}-{day.month:02d}"
 
 
-@dataclass(slots=True)
-class _Sum:
-    entries: int = 0
-    requests: int = 0
-    tokens: int = 0
-    cost_usd: Decimal = Decimal(0)
-    standard_cost_usd: Decimal = Decimal(0)
-    saved_usd: Decimal = Decimal(0)
-    dedup_tokens: int = 0
-    dedup_saved_usd: Decimal = Decimal(0)
-    estimated_tokens: int = 0
-    emulated: bool = True
-
-    def add(self, e: LedgerEntry) -> None:
-        self.entries += e.kind != "dedup"  # a dedup line is no batch or call
-        self.requests += e.requests
-        self.tokens += e.tokens
-        self.cost_usd += e.cost_usd
-        self.standard_cost_usd += e.standard_cost_usd
-        self.saved_usd += e.saved_usd
-        self.dedup_tokens += e.dedup_tokens
-        self.dedup_saved_usd += e.dedup_saved_usd
-        self.estimated_tokens += e.estimated_tokens
-        self.emulated = self.emulated and e.emulated
-
-    def row(self, period: str, model: str) -> ReportRow:
-        saving = None
-        if self.standard_cost_usd:
-            pct = self.saved_usd / self.standard_cost_usd * 100
-            saving = pct.quantize(_PCT, rounding=ROUND_HALF_EVEN)
-        accuracy = None
-        if self.tokens and self.estimated_tokens:
-            ratio = Decimal(self.estimated_tokens) / Decimal(self.tokens)
-            accuracy = ratio.quantize(_RATIO, rounding=ROUND_HALF_EVEN)
-        return ReportRow(
-            period=period,
-            model=model,
-            emulated=self.emulated,
-            entries=self.entries,
-            requests=self.requests,
-            tokens=self.tokens,
-            cost_usd=self.cost_usd,
-            standard_cost_usd=self.standard_cost_usd,
-            saved_usd=self.saved_usd,
-            saving_pct=saving,
-            dedup_tokens=self.dedup_tokens,
-            dedup_saved_usd=self.dedup_saved_usd,
-            estimated_tokens=self.estimated_tokens,
-            estimate_accuracy=accuracy,
-        )
+def _row(sums: Totals, period: str, model: str, emulated: bool) -> ReportRow:
+    """The report row of `sums` (over usage entries only)."""
+    saving = None
+    if sums.standard_cost_usd:
+        pct = sums.saved_usd / sums.standard_cost_usd * 100
+        saving = pct.quantize(_PCT, rounding=ROUND_HALF_EVEN)
+    accuracy = None
+    if sums.tokens and sums.estimated_tokens:
+        ratio = Decimal(sums.estimated_tokens) / Decimal(sums.tokens)
+        accuracy = ratio.quantize(_RATIO, rounding=ROUND_HALF_EVEN)
+    return ReportRow(
+        period=period,
+        model=model,
+        emulated=emulated,
+        entries=sums.entries,
+        requests=sums.requests,
+        tokens=sums.tokens,
+        cost_usd=sums.cost_usd,
+        standard_cost_usd=sums.standard_cost_usd,
+        saved_usd=sums.saved_usd,
+        saving_pct=saving,
+        dedup_tokens=sums.dedup_tokens,
+        dedup_saved_usd=sums.dedup_saved_usd,
+        estimated_tokens=sums.estimated_tokens,
+        estimate_accuracy=accuracy,
+    )
 
 
 def aggregate(
@@ -133,8 +110,8 @@ def aggregate(
 
     `since` / `until` are inclusive UTC dates. No usage in range gives `[]`.
     """
-    groups: dict[tuple[str, str, bool], _Sum] = {}
-    total = _Sum()
+    groups: dict[tuple[str, str, bool], Totals] = {}
+    total = Totals()
     for entry in entries:
         if not isinstance(entry, LedgerEntry):
             continue
@@ -142,13 +119,14 @@ def aggregate(
         if (since is not None and day < since) or (until is not None and day > until):
             continue
         key = (period_of(day, by), entry.model, entry.emulated)
-        groups.setdefault(key, _Sum()).add(entry)
-        total.add(entry)
+        groups[key] = groups.get(key, Totals()).add(entry)
+        total = total.add(entry)
     if not groups:
         return []
     # Labels sort chronologically as text (zero-padded); real spend before emulated.
-    rows = [groups[key].row(key[0], key[1]) for key in sorted(groups)]
-    rows.append(total.row(TOTAL, "all models"))
+    rows = [_row(groups[key], *key) for key in sorted(groups)]
+    # The total is marked emulated only when every group is.
+    rows.append(_row(total, TOTAL, "all models", all(key[2] for key in groups)))
     return rows
 
 

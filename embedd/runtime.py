@@ -16,8 +16,8 @@ from typing import Any
 
 from embedd.api import OpenAIClient
 from embedd.config import Settings
-from embedd.cost import Price
 from embedd.ledger import Ledger
+from embedd.prices import Price
 from embedd.spool import SpoolPaths
 from embedd.store import Store
 from embedd.supervise import Supervisor
@@ -82,10 +82,7 @@ class Runtime:
         if self.queue_limit == 0:
             self.queue_limit = self.settings.batch_queue_tokens
         if not self.prices:
-            self.prices = {
-                model: Price(standard=standard, batch=batch)
-                for model, (standard, batch) in self.settings.prices.items()
-            }
+            self.prices = dict(self.settings.prices)
 
     @property
     def poll_interval(self) -> float:

@@ -1,44 +1,42 @@
 """`embedd status`: what the daemon is doing, read straight from the state database.
 
 It opens the database read-only and creates nothing (WAL lets it read while the
-daemon writes; `immutable` when the daemon is stopped), so it works whether the daemon
-runs or not, and run by another user it never leaves a file the daemon cannot write. `gather` returns plain data; `render` turns
-it into text; `--watch` redraws it with a progress bar per batch and per file.
+daemon writes; `immutable` when the daemon is stopped; see
+`embedd.store.connect_readonly`), so it works whether the daemon runs or not, and run
+by another user it never leaves a file the daemon cannot write. The queries are the
+store's `read_*` functions; this module only formats. `gather` returns plain data;
+`render` turns it into text; `--watch` redraws it with a progress bar per batch and
+per file.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 import sys
 import time
 from datetime import UTC, datetime
-from decimal import Decimal
 from pathlib import Path
 from typing import Any, TextIO
-from urllib.parse import quote
 
 from embedd.budget import period_start
-from embedd.cost import LedgerEntry, format_ts, format_usd, parse_line
+from embedd.ledger import format_ts, period_spend
+from embedd.prices import format_usd
+from embedd.states import FILE_TRANSITIONS, REQUEST_TRANSITIONS, SHARD_TRANSITIONS
+from embedd.store import (
+    connect_readonly,
+    read_active_files,
+    read_counts,
+    read_facts,
+    read_ledger_lines_since,
+    read_shards_in_flight,
+)
 
 BAR = 24
-
-
-def _connect(db: Path) -> sqlite3.Connection:
-    """Open the state database so that this process creates and changes nothing.
-
-    `mode=ro` alone is not enough: reading a WAL database makes SQLite create its
-    `-wal` and `-shm` files when they are missing, owned by whoever runs `embedd
-    status`, which the daemon (another user) then cannot write. While the daemon runs
-    both files exist and a read-only reader shares them; when they are missing the
-    daemon is stopped (or was stopped cleanly), nothing is in flight, and the file is
-    read as `immutable`, which takes no locks and creates no file.
-    """
-    wal, shm = Path(f"{db}-wal"), Path(f"{db}-shm")
-    query = "mode=ro" if wal.exists() and shm.exists() else "mode=ro&immutable=1"
-    conn = sqlite3.connect(f"file:{quote(str(db))}?{query}", uri=True, timeout=5.0)
-    conn.row_factory = sqlite3.Row
-    return conn
+# The states `render` counts, in the order of their tables (an abandoned shard
+# carried nothing and is not shown).
+_FILE_STATES = tuple(FILE_TRANSITIONS)
+_REQUEST_STATES = tuple(REQUEST_TRANSITIONS)
+_SHARD_STATES = tuple(s for s in SHARD_TRANSITIONS if s != "abandoned")
 
 
 def gather(
@@ -48,12 +46,12 @@ def gather(
     now = time.time() if now is None else now
     if not db.exists():
         return {"database": str(db), "running": False, "error": "no state database yet"}
-    with _connect(db) as conn:
-        counts: dict[str, dict[str, int]] = {}
-        for table in ("files", "requests", "shards"):
-            rows = conn.execute(f"SELECT state, COUNT(*) FROM {table} GROUP BY state")  # noqa: S608
-            counts[table] = {str(r[0]): int(r[1]) for r in rows}
-        facts = {str(r[0]): json.loads(r[1]) for r in conn.execute("SELECT key, value FROM daemon")}
+    at = datetime.fromtimestamp(now, UTC)
+    day = format_ts(period_start(at, "daily"))
+    month = format_ts(period_start(at, "monthly"))
+    with connect_readonly(db) as conn:
+        counts = read_counts(conn)
+        facts = read_facts(conn)
         batches = [
             {
                 "shard": r["id"],
@@ -65,10 +63,7 @@ def gather(
                 "request_counts": json.loads(r["request_counts"]) if r["request_counts"] else None,
                 "age_s": round(now - float(r["submitted_at"] or r["created_at"]), 1),
             }
-            for r in conn.execute(
-                "SELECT * FROM shards WHERE state IN ('planned','uploaded','submitted','collecting') "
-                "ORDER BY created_at"
-            )
+            for r in read_shards_in_flight(conn)
         ]
         files = [
             {
@@ -79,15 +74,9 @@ def gather(
                 "pieces": int(r["pieces"]),
                 "embedded": int(r["embedded"]),
             }
-            for r in conn.execute(
-                "SELECT f.job, f.name, f.lane, f.state, COUNT(p.key) AS pieces, "
-                "COUNT(v.key) AS embedded FROM files f "
-                "LEFT JOIN pieces p ON p.job = f.job LEFT JOIN vectors v ON v.key = p.key "
-                "WHERE f.state IN ('claiming','queued','writing') GROUP BY f.job "
-                "ORDER BY f.claimed_at LIMIT 50"
-            )
+            for r in read_active_files(conn)
         ]
-        spent_today, spent_month = _spend(conn, now)
+        spent = period_spend(read_ledger_lines_since(conn, month), day)
     daemon = facts.get("daemon") or {}
     client = facts.get("client") or {}
     return {
@@ -103,27 +92,10 @@ def gather(
             for stage, hold in (facts.get("blocked") or {}).items()
         },
         "queue_limit": facts.get("queue_limit"),
-        "spend_today_usd": format_usd(spent_today),
-        "spend_month_usd": format_usd(spent_month),
+        "spend_today_usd": format_usd(spent.today),
+        "spend_month_usd": format_usd(spent.month),
         "budget": _budget(facts.get("budget"), budget, now),
     }
-
-
-def _spend(conn: sqlite3.Connection, now: float) -> tuple[Decimal, Decimal]:
-    """Billed spend of the UTC day and month of `now`, exact, from the ledger rows."""
-    at = datetime.fromtimestamp(now, UTC)
-    day = format_ts(period_start(at, "daily"))
-    month = format_ts(period_start(at, "monthly"))
-    today = this_month = Decimal(0)
-    for (line,) in conn.execute(
-        "SELECT line FROM ledger WHERE ts >= ? AND kind != 'alert'", (month,)
-    ):
-        entry = parse_line(line)
-        if isinstance(entry, LedgerEntry):
-            this_month += entry.cost_usd
-            if format_ts(entry.ts) >= day:
-                today += entry.cost_usd
-    return today, this_month
 
 
 def _budget(fact: object, limits: dict[str, Any] | None, now: float) -> dict[str, Any] | None:
@@ -153,12 +125,9 @@ def render(data: dict[str, Any], *, bars: bool = False) -> str:
         return f"embedd status: {data['error']} ({data['database']})"
     c = data["counts"]
     out = [
-        "files:    " + _fmt(c["files"], ("claiming", "queued", "writing", "done", "failed")),
-        "requests: " + _fmt(c["requests"], ("pending", "planned", "done", "failed")),
-        "batches:  "
-        + _fmt(
-            c["shards"], ("planned", "uploaded", "unknown", "submitted", "collecting", "collected")
-        ),
+        "files:    " + _fmt(c["files"], _FILE_STATES),
+        "requests: " + _fmt(c["requests"], _REQUEST_STATES),
+        "batches:  " + _fmt(c["shards"], _SHARD_STATES),
     ]
     breaker = data.get("breaker")
     if isinstance(breaker, dict):

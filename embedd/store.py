@@ -5,9 +5,12 @@ at a time (an asyncio lock), explicit `BEGIN IMMEDIATE` / `COMMIT`: a transactio
 all-or-nothing across a crash, and a cancelled caller never leaves one open — the
 commit and the rollback are shielded from cancellation.
 
-Schema history lives in `MIGRATIONS`; `PRAGMA user_version` says how far a database
-has come. A fresh database runs every migration in order, so an old database that is
-migrated ends up exactly like a new one (a test checks this).
+Schema history lives in `MIGRATIONS` (literal SQL, frozen once released); `PRAGMA
+user_version` says how far a database has come. A fresh database runs every migration
+in order, so an old database that is migrated ends up exactly like a new one. `SCHEMA`
+is where they lead, written out to read; a test checks that a database built through
+every migration and one built from `SCHEMA` have the same tables, columns, CHECKs and
+indexes, and that the state CHECKs admit exactly the states of embedd.states.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiosqlite
 import numpy as np
@@ -33,9 +37,15 @@ from embedd.crashpoints import fault_point
 from embedd.errors import FatalError
 from embedd.states import (
     FILE_ACTIVE,
+    FILE_FINISHED,
     FILE_TRANSITIONS,
+    REQUEST_TRANSITIONS,
+    SHARD_IN_FLIGHT,
     SHARD_TRANSITIONS,
+    SHARD_UPLOADED,
     sources,
+    sql_from,
+    sql_in,
 )
 from embedd.vectors import (
     SegmentInfo,
@@ -256,8 +266,162 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
-FILE_FINISHED = frozenset({"done", "failed"})
-_ACTIVE_SQL = "(" + ", ".join(f"'{s}'" for s in sorted(FILE_ACTIVE)) + ")"
+
+# The schema `MIGRATIONS` lead to, written out in one place to read (tables in the
+# order of the flow). Databases are built by the migrations; a test builds one from
+# this text too and compares the two (tables, columns, CHECKs, indexes), and compares
+# the state CHECKs with embedd.states. A new migration updates this text as well.
+SCHEMA = """
+CREATE TABLE files (
+    job TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    lane TEXT NOT NULL CHECK (lane IN ('batch', 'sync')),
+    state TEXT NOT NULL CHECK (state IN ('claiming', 'done', 'failed', 'queued', 'writing')),
+    sha256 TEXT,
+    size INTEGER,
+    records INTEGER,
+    tokens INTEGER,
+    claimed_at REAL NOT NULL,
+    queued_at REAL,
+    completed_at REAL,
+    reason TEXT,
+    result TEXT
+);
+CREATE INDEX files_state ON files(state);
+CREATE TABLE records (
+    job TEXT NOT NULL REFERENCES files(job),
+    idx INTEGER NOT NULL,
+    rid TEXT NOT NULL,
+    meta TEXT,
+    tokens INTEGER NOT NULL,
+    chunks INTEGER NOT NULL,
+    cached INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (job, idx)
+);
+CREATE TABLE pieces (
+    job TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    chunk INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    tokens INTEGER NOT NULL,
+    PRIMARY KEY (job, idx, chunk)
+);
+CREATE INDEX pieces_key ON pieces(key);
+CREATE TABLE staged (
+    job TEXT NOT NULL,
+    key TEXT NOT NULL,
+    input TEXT NOT NULL,
+    tokens INTEGER NOT NULL,
+    qtokens INTEGER NOT NULL,
+    nbytes INTEGER NOT NULL,
+    PRIMARY KEY (job, key)
+);
+CREATE TABLE requests (
+    key TEXT PRIMARY KEY,
+    input TEXT NOT NULL,
+    tokens INTEGER NOT NULL,
+    qtokens INTEGER NOT NULL,
+    nbytes INTEGER NOT NULL,
+    lane TEXT NOT NULL CHECK (lane IN ('batch', 'sync')),
+    state TEXT NOT NULL CHECK (state IN ('done', 'failed', 'pending', 'planned')),
+    shard TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    queued_at REAL NOT NULL
+);
+CREATE INDEX requests_pending ON requests(state, lane, queued_at);
+CREATE INDEX requests_shard ON requests(shard);
+CREATE TABLE shards (
+    id TEXT PRIMARY KEY,
+    state TEXT NOT NULL CHECK (state IN ('abandoned', 'collected', 'collecting', 'planned', 'submitted', 'unknown', 'uploaded')),
+    path TEXT NOT NULL,
+    lines INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    tokens INTEGER NOT NULL,
+    qtokens INTEGER NOT NULL,
+    file_id TEXT,
+    batch_id TEXT UNIQUE,
+    status TEXT,
+    request_counts TEXT,
+    created_at REAL NOT NULL,
+    submitted_at REAL,
+    expires_at REAL,
+    polled_at REAL,
+    ended_at REAL,
+    final TEXT,
+    error TEXT,
+    unknown_since REAL,
+    lookup_at REAL,
+    lookups INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX shards_state ON shards(state);
+CREATE TABLE shard_members (
+    shard TEXT NOT NULL,
+    key TEXT NOT NULL,
+    tokens INTEGER NOT NULL,
+    PRIMARY KEY (shard, key)
+);
+CREATE TABLE stray_batches (
+    batch_id TEXT PRIMARY KEY,
+    shard TEXT NOT NULL,
+    status TEXT,
+    found_at REAL NOT NULL,
+    settled_at REAL
+);
+CREATE TABLE remote_deletes (
+    file_id TEXT PRIMARY KEY,
+    shard TEXT,
+    kind TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_at REAL NOT NULL,
+    error TEXT,
+    created_at REAL NOT NULL
+);
+CREATE TABLE vectors (
+    key TEXT PRIMARY KEY,
+    segment INTEGER NOT NULL,
+    row INTEGER NOT NULL,
+    tokens INTEGER,
+    origin TEXT,
+    created_at REAL NOT NULL
+);
+CREATE INDEX vectors_segment ON vectors(segment);
+CREATE TABLE segments (
+    id INTEGER PRIMARY KEY,
+    dims INTEGER NOT NULL,
+    capacity INTEGER NOT NULL,
+    rows INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    used_at REAL NOT NULL
+);
+CREATE TABLE ledger (
+    id TEXT PRIMARY KEY,
+    ts TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    line TEXT NOT NULL,
+    written INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE unit_attempts (
+    stage TEXT NOT NULL,
+    unit TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    started_at REAL NOT NULL,
+    PRIMARY KEY (stage, unit)
+);
+CREATE TABLE daemon (
+    key TEXT PRIMARY KEY,
+    value TEXT
+);
+"""
+_ACTIVE_SQL = sql_in(FILE_ACTIVE)
+# Guards of the request moves written by hand below, checked against embedd.states
+# when this module loads (files and shards move through `move_file` / `move_shard`).
+_REVIVE = sql_from(REQUEST_TRANSITIONS, "pending", "failed")  # a new file queues it again
+_TO_PLANNED = sql_from(REQUEST_TRANSITIONS, "planned", "pending")
+_PLANNED_BACK = sql_from(REQUEST_TRANSITIONS, "pending", "planned")  # or on to failed
+_ABANDONABLE = sql_in(sources(SHARD_TRANSITIONS, "abandoned"))
 
 
 def db_text(text: str) -> str:
@@ -441,74 +605,15 @@ class Store:
         requests: Sequence[NewRequest],
         lane: str,
         now: float,
-    ) -> None:
-        """Store a parsed file's records and its new requests, and mark it queued."""
-        async with self.transaction() as tx:
-            fault_point("state_full")
-            await tx.executemany(
-                "INSERT INTO records (job, idx, rid, meta, tokens, chunks, cached) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        job,
-                        i,
-                        r.rid,
-                        None if r.meta is None else json.dumps(r.meta, ensure_ascii=False),
-                        r.tokens,
-                        len(r.pieces),
-                        int(r.cached),
-                    )
-                    for i, r in enumerate(records)
-                ],
-            )
-            await tx.executemany(
-                "INSERT INTO pieces (job, idx, chunk, key, tokens) VALUES (?, ?, ?, ?, ?)",
-                [
-                    (job, i, c, key, tokens)
-                    for i, r in enumerate(records)
-                    for c, (key, tokens) in enumerate(r.pieces)
-                ],
-            )
-            # A text already embedded needs no request; one already queued is shared;
-            # one that failed before gets a fresh chance with this new file.
-            await tx.executemany(
-                "INSERT INTO requests (key, input, tokens, qtokens, nbytes, lane, state, queued_at) "
-                "SELECT ?, ?, ?, ?, ?, ?, 'pending', ? "
-                "WHERE NOT EXISTS (SELECT 1 FROM vectors WHERE key = ?) "
-                "ON CONFLICT(key) DO UPDATE SET state = 'pending', attempts = 0, error = NULL, "
-                "shard = NULL, queued_at = excluded.queued_at, lane = excluded.lane "
-                "WHERE requests.state = 'failed'",
-                [
-                    (
-                        q.key,
-                        encode_input(q.input),
-                        q.tokens,
-                        q.qtokens,
-                        q.nbytes,
-                        lane,
-                        now,
-                        q.key,
-                    )
-                    for q in requests
-                ],
-            )
-            if lane == "sync":
-                # A sync file must not wait for a batch: move shared pending work over.
-                await tx.executemany(
-                    "UPDATE requests SET lane = 'sync' WHERE key = ? AND state = 'pending'",
-                    [(q.key,) for q in requests],
-                )
-            # A text met again is a use of its cached vector: its segment is kept longer.
-            await tx.execute(
-                "UPDATE segments SET used_at = MAX(used_at, ?) WHERE id IN ("
-                " SELECT v.segment FROM pieces p JOIN vectors v ON v.key = p.key WHERE p.job = ?)",
-                (now, job),
-            )
-            await tx.execute(
-                "UPDATE files SET state = 'queued', sha256 = ?, size = ?, records = ?, "
-                "tokens = ?, queued_at = ? WHERE job = ? AND state = 'claiming'",
-                (sha256, size, len(records), sum(r.tokens for r in records), now, job),
-            )
+    ) -> tuple[int, int, int]:
+        """Store a claimed file's records and requests and mark it queued, in one step.
+
+        A thin wrapper for tests and benchmarks: the file as the one and last batch of
+        `queue_staged`, the path intake takes (so `NewRecord.cached` is recomputed, as
+        intake does). Returns (records, tokens, cached records)."""
+        return await self.queue_staged(
+            job, last=(0, records, requests), sha256=sha256, size=size, lane=lane, now=now
+        )
 
     async def clear_claim(self, job: str) -> None:
         """Forget what an interrupted claim of `job` stored, to store it again."""
@@ -576,7 +681,7 @@ class Store:
                 "WHERE s.job = ? AND NOT EXISTS (SELECT 1 FROM vectors v WHERE v.key = s.key) "
                 "ON CONFLICT(key) DO UPDATE SET state = 'pending', attempts = 0, error = NULL, "
                 "shard = NULL, queued_at = excluded.queued_at, lane = excluded.lane "
-                "WHERE requests.state = 'failed'",
+                f"WHERE requests.state IN {_REVIVE}",
                 (lane, now, job),
             )
             final = [] if last is None else last[2]
@@ -586,7 +691,7 @@ class Store:
                 "WHERE NOT EXISTS (SELECT 1 FROM vectors WHERE key = ?) "
                 "ON CONFLICT(key) DO UPDATE SET state = 'pending', attempts = 0, error = NULL, "
                 "shard = NULL, queued_at = excluded.queued_at, lane = excluded.lane "
-                "WHERE requests.state = 'failed'",
+                f"WHERE requests.state IN {_REVIVE}",
                 [
                     (q.key, encode_input(q.input), q.tokens, q.qtokens, q.nbytes, lane, now, q.key)
                     for q in final
@@ -685,7 +790,7 @@ class Store:
         """Delete the rows of files that finished before `before` (records, pieces, the
         file) and of shards that ended before it; the ledger stays. Returns files pruned."""
         old = (
-            "SELECT job FROM files WHERE state IN ('done', 'failed') "
+            f"SELECT job FROM files WHERE state IN {sql_in(FILE_FINISHED)} "
             "AND COALESCE(completed_at, queued_at, claimed_at) < ?"
         )
         async with self.transaction() as tx:
@@ -834,7 +939,8 @@ class Store:
                 (shard, str(path), len(keys), nbytes, tokens, qtokens, now),
             )
             await tx.executemany(
-                "UPDATE requests SET state = 'planned', shard = ? WHERE key = ? AND state = 'pending'",
+                "UPDATE requests SET state = 'planned', shard = ? WHERE key = ? "
+                f"AND state IN {_TO_PLANNED}",
                 [(shard, k) for k in keys],
             )
             # The shard's own membership: what its batch file holds, whatever becomes
@@ -863,6 +969,9 @@ class Store:
             return cur.rowcount == 1
 
     async def update_shard(self, shard: str, **fields: object) -> None:
+        """Set columns of a shard other than its state (`move_shard` moves it)."""
+        if "state" in fields:
+            raise ValueError("update_shard does not move a shard: use move_shard")
         sets = ", ".join(f"{k} = ?" for k in fields)
         async with self.transaction() as tx:
             await tx.execute(f"UPDATE shards SET {sets} WHERE id = ?", (*fields.values(), shard))
@@ -892,12 +1001,12 @@ class Store:
             await tx.execute(
                 "UPDATE requests SET attempts = attempts + 1, error = ?, shard = NULL, "
                 "state = CASE WHEN attempts + 1 > ? THEN 'failed' ELSE 'pending' END "
-                "WHERE shard = ? AND state = 'planned'",
+                f"WHERE shard = ? AND state IN {_PLANNED_BACK}",
                 (f"batch submission refused: {error}", max_retries, shard),
             )
             await tx.execute(
                 "UPDATE shards SET state = 'abandoned', error = ?, ended_at = ? WHERE id = ? "
-                "AND state IN ('planned', 'uploaded', 'unknown')",
+                f"AND state IN {_ABANDONABLE}",
                 (error, now, shard),
             )
 
@@ -996,8 +1105,7 @@ class Store:
 
     async def queue_tokens_in_flight(self) -> int:
         row = await self._one(
-            "SELECT COALESCE(SUM(qtokens), 0) FROM shards "
-            "WHERE state IN ('uploaded', 'unknown', 'submitted', 'collecting')"
+            f"SELECT COALESCE(SUM(qtokens), 0) FROM shards WHERE state IN {sql_in(SHARD_UPLOADED)}"
         )
         return int(row[0]) if row else 0
 
@@ -1093,12 +1201,11 @@ class Store:
         async with self.transaction() as tx:
             await tx.execute(
                 "UPDATE requests SET state = 'pending', shard = NULL WHERE shard = ? "
-                "AND state = 'planned'",
+                f"AND state IN {_PLANNED_BACK}",
                 (shard,),
             )
             await tx.execute(
-                "UPDATE shards SET state = 'abandoned' WHERE id = ? "
-                "AND state IN ('planned', 'uploaded', 'unknown')",
+                f"UPDATE shards SET state = 'abandoned' WHERE id = ? AND state IN {_ABANDONABLE}",
                 (shard,),
             )
 
@@ -1156,8 +1263,8 @@ class Store:
             await tx.execute("UPDATE ledger SET written = 1 WHERE id = ?", (ident,))
 
     async def ledger_lines_since(self, ts: str) -> list[str]:
-        rows = await self._all("SELECT line FROM ledger WHERE ts >= ? AND kind != 'alert'", (ts,))
-        return [str(r[0]) for r in rows]
+        """The usage lines (no alerts) stamped `ts` or later (`ts`: `format_ts` text)."""
+        return [str(r[0]) for r in await self._all(_LEDGER_SINCE, (ts,))]
 
     async def set_fact(self, key: str, value: object) -> None:
         async with self.transaction() as tx:
@@ -1168,16 +1275,83 @@ class Store:
             )
 
     async def facts(self) -> dict[str, Any]:
-        rows = await self._all("SELECT key, value FROM daemon")
-        return {str(r[0]): json.loads(r[1]) for r in rows}
+        return {str(r[0]): json.loads(r[1]) for r in await self._all(_FACTS)}
 
     async def counts(self) -> dict[str, dict[str, int]]:
         """Files, requests and shards by state."""
         out: dict[str, dict[str, int]] = {}
-        for table in ("files", "requests", "shards"):
-            rows = await self._all(f"SELECT state, COUNT(*) FROM {table} GROUP BY state")
+        for table in _COUNTED:
+            rows = await self._all(_COUNT_SQL[table])
             out[table] = {str(r[0]): int(r[1]) for r in rows}
         return out
+
+
+# ---- reading without the daemon (`embedd status`) -------------------------------------
+#
+# Plain sqlite3 on a connection from `connect_readonly`: these only read, so they work
+# on a `mode=ro` or `immutable=1` connection while the daemon runs or not.
+
+_LEDGER_SINCE = "SELECT line FROM ledger WHERE ts >= ? AND kind != 'alert'"
+_FACTS = "SELECT key, value FROM daemon"
+_COUNTED = ("files", "requests", "shards")
+_COUNT_SQL = {t: f"SELECT state, COUNT(*) FROM {t} GROUP BY state" for t in _COUNTED}
+_IN_FLIGHT_SQL = (
+    "SELECT * FROM shards WHERE state IN ("
+    + ", ".join(f"'{s}'" for s in sorted(SHARD_IN_FLIGHT))
+    + ") ORDER BY created_at"
+)
+_ACTIVE_FILES_SQL = (
+    "SELECT f.job, f.name, f.lane, f.state, COUNT(p.key) AS pieces, "
+    "COUNT(v.key) AS embedded FROM files f "
+    "LEFT JOIN pieces p ON p.job = f.job LEFT JOIN vectors v ON v.key = p.key "
+    f"WHERE f.state IN {_ACTIVE_SQL} GROUP BY f.job "
+    "ORDER BY f.claimed_at LIMIT ?"
+)
+
+
+def connect_readonly(db: Path) -> sqlite3.Connection:
+    """Open the state database so that this process creates and changes nothing.
+
+    `mode=ro` alone is not enough: reading a WAL database makes SQLite create its
+    `-wal` and `-shm` files when they are missing, owned by whoever runs `embedd
+    status`, which the daemon (another user) then cannot write. While the daemon runs
+    both files exist and a read-only reader shares them; when they are missing the
+    daemon is stopped (or was stopped cleanly), nothing is in flight, and the file is
+    read as `immutable`, which takes no locks and creates no file.
+    """
+    wal, shm = Path(f"{db}-wal"), Path(f"{db}-shm")
+    query = "mode=ro" if wal.exists() and shm.exists() else "mode=ro&immutable=1"
+    conn = sqlite3.connect(f"file:{quote(str(db))}?{query}", uri=True, timeout=5.0)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def read_counts(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
+    """Files, requests and shards by state (as `Store.counts`)."""
+    return {
+        table: {str(r[0]): int(r[1]) for r in conn.execute(_COUNT_SQL[table])} for table in _COUNTED
+    }
+
+
+def read_facts(conn: sqlite3.Connection) -> dict[str, Any]:
+    """The daemon facts (as `Store.facts`)."""
+    return {str(r[0]): json.loads(r[1]) for r in conn.execute(_FACTS)}
+
+
+def read_shards_in_flight(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+    """The shards in `SHARD_IN_FLIGHT`, oldest first."""
+    return list(conn.execute(_IN_FLIGHT_SQL))
+
+
+def read_active_files(conn: sqlite3.Connection, limit: int = 50) -> list[sqlite3.Row]:
+    """The first `limit` files in `FILE_ACTIVE` by claim time, each with `pieces` (its
+    inputs) and `embedded` (how many have a vector)."""
+    return list(conn.execute(_ACTIVE_FILES_SQL, (limit,)))
+
+
+def read_ledger_lines_since(conn: sqlite3.Connection, ts: str) -> list[str]:
+    """The usage lines stamped `ts` or later (as `Store.ledger_lines_since`)."""
+    return [str(r[0]) for r in conn.execute(_LEDGER_SINCE, (ts,))]
 
 
 async def _insert_records(tx: _Tx, job: str, first: int, records: Sequence[NewRecord]) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 
 from embedd.api import CreateOutcomeUnknown
 from embedd.batchlines import encode_request_line
-from embedd.budgeting import submission_allowed
+from embedd.budget import submission_allowed
 from embedd.crashpoints import crash_point
 from embedd.errors import (
     APIPermanentError,
@@ -40,7 +40,7 @@ from embedd.errors import (
 from embedd.planner import ShardLimits, cut_shard, should_submit
 from embedd.runtime import Runtime
 from embedd.spool import fsync_dir
-from embedd.states import BATCH_TERMINAL
+from embedd.states import BATCH_TERMINAL, SHARD_FINISHED, SHARD_UNSUBMITTED, SHARD_UPLOADED
 from embedd.store import new_id, request_inputs
 
 METADATA_KEY = "embedd_shard"
@@ -85,7 +85,7 @@ async def reconcile(rt: Runtime) -> None:
         rows[shard] = row
         batches.sort(key=lambda b: (b.get("created_at") or 0, str(b.get("id"))))
         extras = batches
-        if row["state"] in ("planned", "uploaded", "unknown"):
+        if row["state"] in SHARD_UNSUBMITTED:
             ours, extras = batches[0], batches[1:]
             crash_point("during_recovery")  # found at OpenAI, not yet recorded here
             if row["state"] == "planned":
@@ -127,11 +127,8 @@ async def _reconcile_files(
             file_id = uploads[row["id"]][0]["id"]
             await rt.store.move_shard(row["id"], "uploaded", file_id=file_id)
             rt.log.info("shard.reconciled", shard=row["id"], file_id=file_id, found="upload")
-    live = {r["id"] for r in await rt.store.shards_in("planned", "uploaded", "unknown")}
-    used = {
-        r["file_id"]
-        for r in await rt.store.shards_in("uploaded", "unknown", "submitted", "collecting")
-    }
+    live = {r["id"] for r in await rt.store.shards_in(*SHARD_UNSUBMITTED)}
+    used = {r["file_id"] for r in await rt.store.shards_in(*SHARD_UPLOADED)}
     leftovers: list[tuple[str, str | None, str]] = []
     # Uploads no shard will use: a crash after upload, or a superseded duplicate.
     for shard, ups in uploads.items():
@@ -142,7 +139,7 @@ async def _reconcile_files(
     # Files of ended batches of ours whose shard is final: collection is over.
     for shard, batches in found.items():
         rec = rows.get(shard)
-        if rec is None or rec["state"] not in ("collected", "abandoned"):
+        if rec is None or rec["state"] not in SHARD_FINISHED:
             continue
         for batch in batches:
             if batch.get("status") not in BATCH_TERMINAL:

@@ -21,11 +21,10 @@ import hashlib
 from collections.abc import Coroutine
 from typing import Any
 
-from embedd.accounting import flush_ledger, ledger_time
 from embedd.batchlines import BadVector, decode_embedding
-from embedd.budgeting import submission_allowed
-from embedd.cost import entry_row, make_entry
+from embedd.budget import entry_maker, flush_ledger, submission_allowed
 from embedd.errors import APIPermanentError, SubmissionPaused, TransientError
+from embedd.ledger import entry_row
 from embedd.planner import pack_sync
 from embedd.runtime import Runtime
 from embedd.store import Pending, new_id
@@ -149,18 +148,12 @@ async def call(rt: Runtime, group: list[Pending]) -> None:
     usage = reply.get("usage") or {}
     tokens = int(usage.get("prompt_tokens") or usage.get("total_tokens") or 0)
     call_id = new_id("sync")
-    entry = make_entry(
+    entry = entry_maker(rt).usage(
         "sync",
         batch_id=call_id,
-        model=s.openai_model,
-        dimensions=s.openai_dimensions,
         requests=len(vectors),
         tokens=tokens,
         estimated_tokens=sum(p.tokens for p in group),
-        dedup_tokens=0,
-        emulated=rt.emulated,
-        prices=rt.prices,
-        now=ledger_time(rt),
     )
     await rt.store.apply_results(
         shard=None,

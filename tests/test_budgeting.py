@@ -17,14 +17,14 @@ import aiohttp
 
 from embedd.api import OpenAIClient
 from embedd.breaker import Breaker
-from embedd.budgeting import submission_allowed
+from embedd.budget import submission_allowed
 from embedd.collector import poll_once
 from embedd.config import load_settings
-from embedd.cost import AlertEntry, LedgerEntry, cost, format_usd
 from embedd.emulator import EmulatorConfig, RunningEmulator, start_emulator
 from embedd.intake import scan_and_claim
-from embedd.ledger import Ledger, read_entries
+from embedd.ledger import AlertEntry, Ledger, LedgerEntry, read_entries
 from embedd.limiter import Limiter
+from embedd.prices import cost, format_usd
 from embedd.retry import RetryPolicy
 from embedd.runtime import Runtime
 from embedd.spool import SpoolPaths

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from embedd.config import (
-    DEFAULT_PRICES,
     KEYS,
     Settings,
     find_config_path,
@@ -20,6 +19,7 @@ from embedd.config import (
     parse_size,
 )
 from embedd.errors import ConfigError
+from embedd.prices import DEFAULT_PRICES, Price
 
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "config.toml"
 
@@ -68,7 +68,7 @@ def test_defaults_load_without_a_file(tmp_path: Path, monkeypatch: pytest.Monkey
     assert s.daemon_stop_timeout == 30.0
     assert s.budget_daily_usd is None
     assert s.budget_action == "warn"
-    assert s.price == (Decimal("0.13"), Decimal("0.065"))
+    assert s.price == Price(Decimal("0.13"), Decimal("0.065"))
     assert dict(s.prices) == DEFAULT_PRICES
 
 
@@ -88,7 +88,7 @@ def test_repo_config_lists_every_key_with_its_default() -> None:
     present = {(sec, name) for sec, body in raw.items() if sec != "cost" for name in body}
     assert present == {(k.section, k.name) for k in KEYS if k.default is not None}
     prices = {
-        model: (Decimal(str(p["standard"])), Decimal(str(p["batch"])))
+        model: Price(Decimal(str(p["standard"])), Decimal(str(p["batch"])))
         for model, p in raw["cost"]["prices"].items()
     }
     assert prices == DEFAULT_PRICES
@@ -218,8 +218,8 @@ def test_prices_table_replaces_the_defaults(tmp_path: Path) -> None:
         tmp_path, '[cost.prices]\n"text-embedding-3-large" = { standard = 0.2, batch = 0.1 }\n'
     )
     s = load(path)
-    assert dict(s.prices) == {"text-embedding-3-large": (Decimal("0.2"), Decimal("0.1"))}
-    assert s.price == (Decimal("0.2"), Decimal("0.1"))
+    assert dict(s.prices) == {"text-embedding-3-large": Price(Decimal("0.2"), Decimal("0.1"))}
+    assert s.price == Price(Decimal("0.2"), Decimal("0.1"))
 
 
 def test_bad_environment_value_names_the_variable(tmp_path: Path) -> None:

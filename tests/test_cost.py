@@ -1,4 +1,5 @@
-"""Tests for embedd.cost: prices, exact money, ledger line format."""
+"""Tests for embedd.prices (prices, exact money), embedd.jsonio and the ledger's line
+format in embedd.ledger."""
 
 from __future__ import annotations
 
@@ -10,27 +11,22 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from embedd.cost import (
-    DEFAULT_PRICES,
+from embedd.errors import ConfigError
+from embedd.jsonio import dumps_exact
+from embedd.ledger import (
     AlertEntry,
     LedgerEntry,
-    Price,
     Totals,
-    cost,
-    dumps_exact,
     entry_id,
     entry_row,
     format_ts,
-    format_usd,
     from_json,
     make_dedup_entry,
     make_entry,
-    money,
     parse_line,
-    price_for,
     to_json_line,
 )
-from embedd.errors import ConfigError
+from embedd.prices import DEFAULT_PRICES, Price, cost, format_usd, money, price_for
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 LARGE = "text-embedding-3-large"

@@ -11,16 +11,23 @@ from pathlib import Path
 
 import pytest
 
-from embedd.cost import (
-    DEFAULT_PRICES,
+from embedd.ledger import (
     AlertEntry,
+    EntryMaker,
+    Ledger,
+    LedgerCorrupt,
     LedgerEntry,
+    PeriodSpend,
     Totals,
+    format_ts,
+    make_dedup_entry,
     make_entry,
     parse_line,
+    period_spend,
+    read_entries,
     to_json_line,
 )
-from embedd.ledger import Ledger, LedgerCorrupt, read_entries
+from embedd.prices import DEFAULT_PRICES
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 
@@ -240,3 +247,58 @@ def test_ledger_file_is_readable_by_the_group_only(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "ledger.jsonl").stat().st_mode) == 0o640
+
+
+def test_period_spend_sums_usage_of_the_month_and_of_the_day(tmp_path: Path) -> None:
+    """Only usage counts (alerts do not); the day's share is what is stamped from its start."""
+    yesterday = usage("b_old", 2_000_000, NOW - timedelta(days=1))
+    today = usage("b_new", 1_000_000)
+    text = [to_json_line(e).decode() for e in (yesterday, today, alert())]
+    spend = period_spend(text, format_ts(NOW.replace(hour=0)))
+    assert spend == PeriodSpend(today=Decimal("0.065"), month=Decimal("0.195"))
+    assert period_spend([], format_ts(NOW)) == PeriodSpend(Decimal(0), Decimal(0))
+
+
+def test_remembered_spend_is_forgotten_when_a_line_is_appended(tmp_path: Path) -> None:
+    """The spend kept per day and month holds until the ledger changes, and a spend
+    computed before an append that happened meanwhile is not kept at all."""
+    spend = PeriodSpend(Decimal(1), Decimal(2))
+    with Ledger(tmp_path / "ledger.jsonl") as ledger:
+        assert ledger.remembered_spend("d", "m") is None
+        ledger.remember_spend("d", "m", spend, ledger.generation)
+        assert ledger.remembered_spend("d", "m") == spend
+        assert ledger.remembered_spend("d2", "m") is None
+        before = ledger.generation
+        assert ledger.append(usage("b1"))
+        assert ledger.remembered_spend("d", "m") is None
+        ledger.remember_spend("d", "m", spend, before)  # computed before the append
+        assert ledger.remembered_spend("d", "m") is None
+        assert not ledger.append(usage("b1"))  # a repeat changes nothing
+        ledger.remember_spend("d", "m", spend, ledger.generation)
+        assert not ledger.append(usage("b1"))
+        assert ledger.remembered_spend("d", "m") == spend
+
+
+def test_entry_maker_passes_its_settings_once() -> None:
+    """EntryMaker makes the same entries as make_entry / make_dedup_entry given the
+    same settings, stamped with its clock."""
+    maker = EntryMaker(
+        "text-embedding-3-large", 3072, False, DEFAULT_PRICES, lambda: NOW.timestamp()
+    )
+    assert maker.now() == NOW
+    made = maker.usage("batch", batch_id="b1", requests=3, tokens=1000, estimated_tokens=1000)
+    assert made == usage("b1")
+    dedup = maker.dedup("job_1", lane="sync", dedup_tokens=500)
+    assert dedup == make_dedup_entry(
+        "job_1",
+        lane="sync",
+        model="text-embedding-3-large",
+        dimensions=3072,
+        dedup_tokens=500,
+        emulated=False,
+        prices=DEFAULT_PRICES,
+        now=NOW,
+    )
+    assert maker.dedup("job_1", lane="batch", dedup_tokens=500).dedup_saved_usd == Decimal(
+        "0.0000325"
+    )

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from embedd.cost import DEFAULT_PRICES, AlertEntry, LedgerEntry, Totals, make_entry
-from embedd.ledger import Ledger
+from embedd.ledger import AlertEntry, Ledger, LedgerEntry, Totals, make_entry
+from embedd.prices import DEFAULT_PRICES
 from embedd.report import TOTAL, aggregate, period_of, render, report_main
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)

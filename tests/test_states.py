@@ -11,13 +11,20 @@ from embedd.states import (
     BATCH_STATUSES,
     BATCH_TERMINAL,
     FILE_ACTIVE,
+    FILE_FINISHED,
     FILE_TRANSITIONS,
+    REQUEST_OPEN,
     REQUEST_TRANSITIONS,
+    SHARD_FINISHED,
     SHARD_IN_FLIGHT,
     SHARD_TRANSITIONS,
+    SHARD_UNSUBMITTED,
+    SHARD_UPLOADED,
     can_move,
     check_sql,
     sources,
+    sql_from,
+    sql_in,
 )
 
 Table = Mapping[str, frozenset[str]]
@@ -25,7 +32,9 @@ Table = Mapping[str, frozenset[str]]
 TABLES: dict[str, tuple[Table, str, frozenset[str]]] = {
     # name: (table, initial state, terminal states)
     "file": (FILE_TRANSITIONS, "claiming", frozenset({"done", "failed"})),
-    "request": (REQUEST_TRANSITIONS, "pending", frozenset({"done", "failed"})),
+    # A failed request is final for the files that had it; a new file with the same
+    # text queues it again (failed -> pending), so only `done` has no way out.
+    "request": (REQUEST_TRANSITIONS, "pending", frozenset({"done"})),
     "shard": (SHARD_TRANSITIONS, "planned", frozenset({"collected", "abandoned"})),
 }
 ALL_STATES = frozenset(s for table, _, _ in TABLES.values() for s in table)
@@ -123,3 +132,30 @@ def test_named_state_sets_belong_to_their_tables() -> None:
     assert set(SHARD_TRANSITIONS) >= SHARD_IN_FLIGHT
     assert all(SHARD_TRANSITIONS[s] for s in SHARD_IN_FLIGHT)
     assert BATCH_TERMINAL < BATCH_STATUSES
+
+
+def test_named_sets_are_what_their_names_say() -> None:
+    """Each shared set is derived from the tables' structure, not picked by hand."""
+    terminal = {s for s, targets in FILE_TRANSITIONS.items() if not targets}
+    assert terminal == FILE_FINISHED
+    assert set(FILE_TRANSITIONS) - terminal == FILE_ACTIVE
+    assert {s for s in REQUEST_TRANSITIONS if "done" in REQUEST_TRANSITIONS[s]} == REQUEST_OPEN
+    assert {s for s, targets in SHARD_TRANSITIONS.items() if not targets} == SHARD_FINISHED
+    assert set(SHARD_TRANSITIONS) - SHARD_FINISHED == SHARD_IN_FLIGHT
+    assert set(sources(SHARD_TRANSITIONS, "abandoned")) == SHARD_UNSUBMITTED
+    assert SHARD_IN_FLIGHT - {"planned"} == SHARD_UPLOADED
+
+
+def test_a_failed_request_can_only_be_queued_again() -> None:
+    """The one way out of `failed`: pending again (a new file with the same text)."""
+    assert REQUEST_TRANSITIONS["failed"] == {"pending"}
+
+
+def test_sql_from_admits_listed_moves_and_refuses_others() -> None:
+    """The store's hand-written guards are checked against the tables when it loads."""
+    assert sql_from(REQUEST_TRANSITIONS, "pending", "planned", "failed") == "('failed', 'planned')"
+    assert sql_in(["b", "a"]) == "('a', 'b')"
+    with pytest.raises(ValueError, match="done -> pending"):
+        sql_from(REQUEST_TRANSITIONS, "pending", "done")
+    with pytest.raises(ValueError, match="collected -> planned"):
+        sql_from(SHARD_TRANSITIONS, "planned", "collected")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 import threading
 import time
@@ -13,9 +14,15 @@ from typing import Any
 import pytest
 
 from embedd.errors import FatalError
-from embedd.states import FILE_TRANSITIONS, REQUEST_TRANSITIONS, SHARD_TRANSITIONS, check_sql
+from embedd.states import (
+    FILE_TRANSITIONS,
+    REQUEST_TRANSITIONS,
+    SHARD_TRANSITIONS,
+    can_move,
+)
 from embedd.store import (
     MIGRATIONS,
+    SCHEMA,
     SCHEMA_VERSION,
     NewRecord,
     NewRequest,
@@ -26,14 +33,47 @@ from embedd.store import (
 NOW = 1_700_000_000.0
 
 
+STATE_TABLES = {
+    "files": FILE_TRANSITIONS,
+    "requests": REQUEST_TRANSITIONS,
+    "shards": SHARD_TRANSITIONS,
+}
+
+
+def watch_moves(path: Path) -> None:
+    """Record every state change made to the database at `path` (SQLite triggers
+    writing to a `test_moves` table), whichever statement makes it."""
+    db = sqlite3.connect(path)
+    try:
+        db.execute("CREATE TABLE test_moves (tbl TEXT, old TEXT, new TEXT)")
+        for table in STATE_TABLES:
+            record = f"INSERT INTO test_moves VALUES ('{table}', OLD.state, NEW.state)"  # noqa: S608
+            db.execute(
+                f"CREATE TRIGGER test_move_{table} AFTER UPDATE OF state ON {table} "
+                f"WHEN OLD.state IS NOT NEW.state BEGIN {record}; END"
+            )
+        db.commit()
+    finally:
+        db.close()
+
+
+def unlisted_moves(path: Path) -> set[tuple[str, str, str]]:
+    """The recorded state changes that embedd.states does not list."""
+    moves = peek(path, "SELECT DISTINCT tbl, old, new FROM test_moves")
+    return {(t, o, n) for t, o, n in moves if not can_move(STATE_TABLES[t], o, n)}
+
+
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    """A fresh store on a real file; always closed."""
+    """A fresh store on a real file; always closed. Every state change a test makes
+    through it must be a transition embedd.states lists."""
     s = await Store.open(tmp_path / "s.sqlite3")
+    watch_moves(s.path)
     try:
         yield s
     finally:
         await s.close()
+    assert unlisted_moves(s.path) == set()
 
 
 def schema(path: Path) -> list[tuple[Any, ...]]:
@@ -132,19 +172,111 @@ async def apply(s: Store, **changes: Any) -> None:
 # ---- schema and migrations ------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("table", "states"),
-    [("files", FILE_TRANSITIONS), ("requests", REQUEST_TRANSITIONS), ("shards", SHARD_TRANSITIONS)],
-)
-async def test_live_state_checks_match_the_state_tables(
-    tmp_path: Path, table: str, states: Any
-) -> None:
-    """The migrations are frozen SQL: when embedd.states gains a state, this fails
-    until a new migration admits it (rebuilding the table: a CHECK cannot be altered)."""
-    s = await Store.open(tmp_path / "s.sqlite3")
+def _checks(sql: str) -> list[str]:
+    """The CHECK constraints in a CREATE TABLE statement, whitespace normalized."""
+    found = []
+    start = sql.find("CHECK")
+    while start >= 0:
+        depth, end = 0, sql.index("(", start)
+        while True:
+            depth += {"(": 1, ")": -1}.get(sql[end], 0)
+            if depth == 0:
+                break
+            end += 1
+        found.append(" ".join(sql[start : end + 1].split()))
+        start = sql.find("CHECK", end)
+    return sorted(found)
+
+
+def structure(path: Path) -> dict[str, dict[str, Any]]:
+    """Each table's columns (in order), CHECKs, indexes and foreign keys: what a
+    database's schema means, whatever text made it (CREATE or ALTER, in any order)."""
+    db = sqlite3.connect(path)
+    try:
+        out: dict[str, dict[str, Any]] = {}
+        for name, sql in db.execute(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+        ):
+            indexes = []
+            for _, index, unique, origin, partial in db.execute(f"PRAGMA index_list({name})"):
+                columns = tuple(c[2] for c in db.execute(f"PRAGMA index_info({index})"))
+                where = db.execute(
+                    "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = ?", (index,)
+                ).fetchone()
+                indexes.append((index, unique, origin, partial, columns, where))
+            out[name] = {
+                "columns": [tuple(r[1:]) for r in db.execute(f"PRAGMA table_info({name})")],
+                "checks": _checks(sql),
+                "indexes": sorted(indexes, key=repr),
+                "foreign_keys": sorted(
+                    tuple(r[2:]) for r in db.execute(f"PRAGMA foreign_key_list({name})")
+                ),
+            }
+        return out
+    finally:
+        db.close()
+
+
+def state_checks(path: Path) -> dict[str, set[str]]:
+    """The states each table's `state` CHECK admits."""
+    admitted = {}
+    for table, parts in structure(path).items():
+        for check in parts["checks"]:
+            if check.startswith("CHECK (state IN ("):
+                admitted[table] = set(re.findall(r"'([^']*)'", check))
+    return admitted
+
+
+def build_from_schema(path: Path) -> None:
+    db = sqlite3.connect(path)
+    try:
+        db.executescript(SCHEMA)
+    finally:
+        db.close()
+
+
+async def test_every_migration_leads_to_the_schema_definition(tmp_path: Path) -> None:
+    """A database built through every migration has exactly the tables, columns,
+    CHECKs, indexes and foreign keys of one built from `SCHEMA`."""
+    migrated, defined = tmp_path / "migrated.sqlite3", tmp_path / "defined.sqlite3"
+    build_to(migrated, SCHEMA_VERSION)
+    build_from_schema(defined)
+    assert structure(migrated) == structure(defined)
+    s = await Store.open(tmp_path / "opened.sqlite3")  # what the daemon builds
     await s.close()
-    sql = peek(s.path, "SELECT sql FROM sqlite_master WHERE name = ?", (table,))[0][0]
-    assert check_sql("state", states) in sql
+    assert structure(tmp_path / "opened.sqlite3") == structure(defined)
+
+
+async def test_state_checks_admit_exactly_the_states_of_embedd_states(tmp_path: Path) -> None:
+    """The migrations are frozen SQL: when embedd.states gains (or loses) a state, this
+    fails until a new migration changes the CHECK (rebuilding the table: a CHECK cannot
+    be altered) and `SCHEMA` says so too."""
+    migrated, defined = tmp_path / "migrated.sqlite3", tmp_path / "defined.sqlite3"
+    build_to(migrated, SCHEMA_VERSION)
+    build_from_schema(defined)
+    wanted = {table: set(states) for table, states in STATE_TABLES.items()}
+    assert state_checks(migrated) == wanted
+    assert state_checks(defined) == wanted
+
+
+def test_structure_sees_a_changed_check_column_and_index(tmp_path: Path) -> None:
+    """The comparison is real: each kind of difference changes the structure."""
+    base = tmp_path / "base.sqlite3"
+    build_from_schema(base)
+    changes = [
+        SCHEMA.replace("'queued', 'writing'", "'queued', 'waiting', 'writing'"),
+        SCHEMA.replace("    reason TEXT,\n", "    reason TEXT NOT NULL DEFAULT '',\n"),
+        SCHEMA.replace("CREATE INDEX files_state ON files(state);", ""),
+        SCHEMA.replace("requests(state, lane, queued_at)", "requests(state, queued_at, lane)"),
+    ]
+    for number, changed in enumerate(changes):
+        assert changed != SCHEMA
+        other = tmp_path / f"changed{number}.sqlite3"
+        db = sqlite3.connect(other)
+        db.executescript(changed)
+        db.close()
+        assert structure(other) != structure(base), number
+    assert state_checks(tmp_path / "changed0.sqlite3")["files"] == {*FILE_TRANSITIONS, "waiting"}
 
 
 async def test_migration_keeps_shards_and_records_their_membership(tmp_path: Path) -> None:
@@ -174,9 +306,12 @@ async def test_migration_keeps_shards_and_records_their_membership(tmp_path: Pat
         assert row is not None
         assert (row["state"], row["batch_id"], row["lookups"]) == ("submitted", "batch_1", 0)
         assert await s.shard_members("s1") == {"a": 3, "b": 4}
-        await s.update_shard("s1", state="unknown")  # admitted by the new CHECK
     finally:
         await s.close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE shards SET state = 'unknown' WHERE id = 's1'")  # admitted by the new CHECK
+    db.commit()
+    db.close()
 
 
 @pytest.mark.parametrize("start", range(SCHEMA_VERSION + 1))
@@ -283,6 +418,36 @@ async def test_failed_text_is_retried_for_a_new_file(store: Store) -> None:
     await apply(store, fail=[("k:hello", "invalid input")])
     await add_file(store, "job2", ["hello"], now=NOW + 1)
     assert request_row(store, "k:hello") == ("pending", 0, None, None)
+    # A listed transition (failed -> pending), recorded like any other move.
+    assert peek(store.path, "SELECT old, new FROM test_moves WHERE tbl = 'requests'") == [
+        ("pending", "failed"),
+        ("failed", "pending"),
+    ]
+
+
+async def test_watched_store_sees_a_move_outside_the_state_tables(store: Store) -> None:
+    """The fixture's check is real: a change the tables do not list is reported."""
+    await add_file(store, "job1", ["hello"])
+    db = sqlite3.connect(store.path)
+    db.execute("UPDATE requests SET state = 'done' WHERE key = 'k:hello'")
+    db.execute("UPDATE requests SET state = 'pending' WHERE key = 'k:hello'")
+    db.commit()
+    db.close()
+    assert unlisted_moves(store.path) == {("requests", "done", "pending")}
+    db = sqlite3.connect(store.path)
+    db.execute("DELETE FROM test_moves")  # leave the fixture's own check clean
+    db.commit()
+    db.close()
+
+
+async def test_update_shard_refuses_to_move_a_shard(store: Store) -> None:
+    """A shard's state changes only through move_shard, which follows the table."""
+    await add_file(store, "job1", ["a"])
+    await plan(store, "s1", ["k:a"])
+    with pytest.raises(ValueError, match="move_shard"):
+        await store.update_shard("s1", state="collected")
+    assert not await store.move_shard("s1", "collected")
+    assert (await store.shard("s1"))["state"] == "planned"  # type: ignore[index]
 
 
 async def test_known_keys_are_embedded_or_queued(store: Store) -> None:

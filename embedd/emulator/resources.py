@@ -28,7 +28,14 @@ from embedd.emulator.lifecycle import (
     render_batch,
 )
 from embedd.emulator.output import write_batch_output
-from embedd.emulator.server import TRUNCATE, Emulator, _drop, emulator_of, json_response, read_json
+from embedd.emulator.server import (
+    TRUNCATE,
+    Emulator,
+    drop_connection,
+    emulator_of,
+    json_response,
+    read_json,
+)
 from embedd.emulator.store import new_id, page_after, public_file
 from embedd.emulator.validation import EMBEDDINGS_URL, MAX_BATCH_BYTES, scan_batch_file
 
@@ -195,7 +202,7 @@ async def file_content(request: web.Request) -> web.StreamResponse:
             sent += len(chunk)
             await response.write(chunk)
     if sent < size:
-        return _drop(request)
+        return drop_connection(request)
     await response.write_eof()
     return response
 

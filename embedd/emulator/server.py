@@ -154,7 +154,7 @@ def _authorised(request: web.Request, key: str | None, auth_header: str) -> bool
     return hmac.compare_digest(token.encode(), key.encode())
 
 
-def _drop(request: web.Request) -> web.StreamResponse:
+def drop_connection(request: web.Request) -> web.StreamResponse:
     """Close the connection without answering."""
     if request.transport is not None:
         request.transport.abort()
@@ -168,7 +168,7 @@ async def _truncated(request: web.Request, response: web.Response) -> web.Stream
     stream.content_length = len(body)
     await stream.prepare(request)
     await stream.write(body[: len(body) // 2])
-    return _drop(request)
+    return drop_connection(request)
 
 
 def _fault_response(emu: Emulator, kind: str, status: int, retry_after: float) -> web.Response:
@@ -234,7 +234,7 @@ async def openai_middleware(request: web.Request, handler: Handler) -> web.Strea
     if rule is not None:
         emu.counters["faults_fired"] += 1
         if rule.kind == "drop":
-            return _drop(request)
+            return drop_connection(request)
         if rule.kind not in ("truncate", "lost_response", "slow"):
             return _fault_response(emu, rule.kind, rule.status, rule.retry_after)
         request[TRUNCATE] = rule.kind == "truncate"
@@ -245,7 +245,7 @@ async def openai_middleware(request: web.Request, handler: Handler) -> web.Strea
     except web.HTTPException as exc:  # aiohttp's own refusals (e.g. 405, body too large)
         response = json_response(error_body(exc.reason or "Invalid request"), status=exc.status)
     if rule is not None and rule.kind == "lost_response":
-        return _drop(request)
+        return drop_connection(request)
     if rule is not None and rule.kind == "slow":
         await asyncio.sleep(rule.seconds)  # done and billed; the answer comes late
     if request.get(TRUNCATE) and isinstance(response, web.Response):
