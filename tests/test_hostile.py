@@ -172,10 +172,17 @@ def test_a_name_too_long_for_its_error_file_is_failed_under_a_shorter_name(
     doc = failure_of(daemon.spool, LONG_NAME)
     assert doc is not None
     assert "longer than" in doc["reason"]
-    stored = [
-        p.name for p in (daemon.spool / "failed").iterdir() if p.suffix == ".txt" or "…" in p.name
-    ]
-    stored = [n for n in stored if not n.endswith(".error.json")]
+
+    def stored_inputs() -> list[str]:
+        # The error file is written first, then the input is moved beside it.
+        return [
+            p.name
+            for p in (daemon.spool / "failed").iterdir()
+            if (p.suffix == ".txt" or "…" in p.name) and not p.name.endswith(".error.json")
+        ]
+
+    wait_for(lambda: bool(stored_inputs()), 30, what="the input moved to failed/")
+    stored = stored_inputs()
     assert len(stored) == 1
     assert len(stored[0].encode()) < 200
     assert (daemon.spool / "failed" / stored[0]).read_bytes() == b"text with a long name"
