@@ -5,7 +5,7 @@ is appended to the ledger file afterwards and the row marked written. A crash in
 between leaves the row unwritten, and `flush_ledger` (at start and after every
 collection) appends it — the ledger's own key check makes a repeat harmless.
 
-Entries are stamped with the runtime's clock (`rt.clock`), the same clock budgets
+Entries are stamped with the books' clock (`Books.clock`), the same clock budgets
 use to tell which day and month a cost belongs to.
 """
 
@@ -15,17 +15,17 @@ import asyncio
 from datetime import UTC, datetime
 
 from embedd import metrics
+from embedd.books import Books
 from embedd.budgeting import check_spend
 from embedd.cost import LedgerEntry, entry_row, make_dedup_entry, parse_line
-from embedd.runtime import Runtime
 
 
-def ledger_time(rt: Runtime) -> datetime:
+def ledger_time(rt: Books) -> datetime:
     """The time a ledger entry made now is stamped with."""
     return datetime.fromtimestamp(rt.clock(), UTC)
 
 
-async def flush_ledger(rt: Runtime) -> int:
+async def flush_ledger(rt: Books) -> int:
     """Append every ledger row not yet in ledger.jsonl; return how many were appended.
 
     New usage may have crossed a budget: it is checked once the lines are written.
@@ -50,7 +50,7 @@ async def flush_ledger(rt: Runtime) -> int:
     return appended
 
 
-async def record_dedup(rt: Runtime, job: str, lane: str, tokens: int) -> None:
+async def record_dedup(rt: Books, job: str, lane: str, tokens: int) -> None:
     """A `kind: "dedup"` ledger line for what deduplication saved one file: no cost.
 
     Keyed by the job, so delivering the file again after a crash adds no second line.

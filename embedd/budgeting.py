@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+from embedd.books import Books
 from embedd.budget import Budget, BudgetDecision, period_start
 from embedd.cost import (
     AlertEntry,
@@ -46,7 +47,6 @@ from embedd.cost import (
     price_for,
 )
 from embedd.ledger import Ledger
-from embedd.runtime import Runtime
 
 FACT = "budget"
 # Shards whose batch may still bill: planned and submitted but not yet collected.
@@ -75,7 +75,7 @@ class _Memo:
 _MEMO: weakref.WeakKeyDictionary[Ledger, _Memo] = weakref.WeakKeyDictionary()
 
 
-def budget_of(rt: Runtime) -> Budget | None:
+def budget_of(rt: Books) -> Budget | None:
     """The configured budget, or None when neither limit is set."""
     s = rt.settings
     if s.budget_daily_usd is None and s.budget_monthly_usd is None:
@@ -83,18 +83,18 @@ def budget_of(rt: Runtime) -> Budget | None:
     return Budget(s.budget_daily_usd, s.budget_monthly_usd, s.budget_action)  # type: ignore[arg-type]
 
 
-def now_of(rt: Runtime) -> datetime:
+def now_of(rt: Books) -> datetime:
     """The runtime's wall clock as an aware UTC datetime."""
     return datetime.fromtimestamp(rt.clock(), UTC)
 
 
-def lane_cost(rt: Runtime, tokens: int, lane: str) -> Decimal:
+def lane_cost(rt: Books, tokens: int, lane: str) -> Decimal:
     """The estimated cost of `tokens` on `lane` (batch or sync) for the configured model."""
     price = price_for(rt.prices, rt.settings.openai_model)
     return money(cost(max(tokens, 0), price.batch if lane == "batch" else price.standard))
 
 
-async def spend(rt: Runtime, now: datetime) -> Spend:
+async def spend(rt: Books, now: datetime) -> Spend:
     """What the day and month of `now` have cost so far, and what is in flight."""
     day_ts = format_ts(period_start(now, "daily"))
     month_ts = format_ts(period_start(now, "monthly"))
@@ -115,7 +115,7 @@ async def spend(rt: Runtime, now: datetime) -> Spend:
     return Spend(memo.today, memo.month, lane_cost(rt, tokens, "batch"))
 
 
-async def submission_allowed(rt: Runtime, tokens: int, lane: str) -> bool:
+async def submission_allowed(rt: Books, tokens: int, lane: str) -> bool:
     """True when submitting `tokens` more on `lane` keeps within the budgets.
 
     With `warn` this is always True (an alert is recorded when a budget is crossed);
@@ -136,7 +136,7 @@ async def submission_allowed(rt: Runtime, tokens: int, lane: str) -> bool:
     return decision.allowed
 
 
-async def check_spend(rt: Runtime) -> None:
+async def check_spend(rt: Books) -> None:
     """After usage was recorded: alert if the billed spend alone crossed a budget."""
     budget = budget_of(rt)
     if budget is None:
@@ -149,7 +149,7 @@ async def check_spend(rt: Runtime) -> None:
 
 
 async def _act(
-    rt: Runtime,
+    rt: Books,
     budget: Budget,
     now: datetime,
     current: Spend,
@@ -180,7 +180,7 @@ async def _act(
         await rt.store.set_fact(FACT, fact)
 
 
-async def _alert(rt: Runtime, alert: AlertEntry) -> None:
+async def _alert(rt: Books, alert: AlertEntry) -> None:
     """Log and record an alert, once per budget and period."""
     if alert.key in rt.ledger:
         return
