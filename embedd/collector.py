@@ -35,7 +35,7 @@ from embedd.cost import entry_row, make_entry
 from embedd.crashpoints import crash_point
 from embedd.errors import APIPermanentError, EmbeddError, SubmissionPaused, TransientError
 from embedd.gate import SubmissionGate
-from embedd.outcome import Verdict, batch_errors, judge_missing, needs_line_ids
+from embedd.outcome import RequestVerdict, batch_errors, judge_missing, needs_line_ids
 from embedd.spool import SpoolPaths
 from embedd.states import BATCH_TERMINAL
 from embedd.store import Store
@@ -192,7 +192,7 @@ class _Lines:
     """What the output and error files said, line by line (vectors already stored)."""
 
     seen: set[str]
-    verdict: Verdict  # on the error-file lines
+    verdict: RequestVerdict  # on the error-file lines
     completed: int  # lines with a vector
     line_tokens: int  # the tokens those lines report
 
@@ -283,12 +283,14 @@ async def _store_vectors(
                         fail.append((r.custom_id, _describe(r)))
                 completed += len(good)
                 await rt.store.add_vectors(good, origin=batch_id, now=rt.clock())
-    return _Lines(seen, Verdict(tuple(retry), tuple(fail), tuple(requeue)), completed, line_tokens)
+    return _Lines(
+        seen, RequestVerdict(tuple(retry), tuple(fail), tuple(requeue)), completed, line_tokens
+    )
 
 
 async def _judge(
     rt: Collector, shard: str, batch: dict[str, Any], sent: dict[str, int], seen: set[str]
-) -> Verdict:
+) -> RequestVerdict:
     """The verdict (embedd.outcome) on the requests no line of the batch's files named."""
     status = str(batch.get("status"))
     errors = batch_errors(batch)
@@ -300,7 +302,11 @@ async def _judge(
 
 
 def _bill(
-    rt: Collector, batch: dict[str, Any], sent: dict[str, int], lines: _Lines, verdict: Verdict
+    rt: Collector,
+    batch: dict[str, Any],
+    sent: dict[str, int],
+    lines: _Lines,
+    verdict: RequestVerdict,
 ) -> tuple[int, tuple[str, str, str, str] | None]:
     """The tokens billed for the batch (the API's usage when it is exact, else what the
     lines report or, failing that, our own count) and its ledger row (None: nothing)."""
@@ -339,7 +345,7 @@ async def _close(
     shard: str,
     batch: dict[str, Any],
     files: list[tuple[str, Any]],
-    verdict: Verdict,
+    verdict: RequestVerdict,
     ledger_row: tuple[str, str, str, str] | None,
 ) -> None:
     """Record the remote deletes, then apply the verdict and the ledger row and close

@@ -30,7 +30,7 @@ MISSING = "missing from the batch's output and error files"
 
 
 @dataclass(frozen=True)
-class Verdict:
+class RequestVerdict:
     """What happens to the requests of one ended batch or sync call (not the done ones:
     their vectors are stored with them)."""
 
@@ -42,8 +42,8 @@ class Verdict:
     queue_full: bool = False
     learned_limit: int | None = None
 
-    def __add__(self, other: Verdict) -> Verdict:
-        return Verdict(
+    def __add__(self, other: RequestVerdict) -> RequestVerdict:
+        return RequestVerdict(
             self.retry + other.retry,
             self.fail + other.fail,
             self.requeue + other.requeue,
@@ -79,31 +79,31 @@ def judge_missing(
     missing: Sequence[str],
     errors: Sequence[Mapping[str, Any]] = (),
     ids_by_line: Mapping[int, str] | None = None,
-) -> Verdict:
+) -> RequestVerdict:
     """The verdict on the requests of a batch with `status` that have no line in its
     output or error file. `errors`: the batch's `errors.data`; `ids_by_line`: the
     custom_id of each (1-based) line of its input file, needed only when
     `needs_line_ids` says so."""
     if status == "completed":
-        return Verdict(retry=tuple((k, MISSING) for k in missing))
+        return RequestVerdict(retry=tuple((k, MISSING) for k in missing))
     if status in ("expired", "cancelled"):
-        return Verdict(requeue=tuple(missing))
+        return RequestVerdict(requeue=tuple(missing))
     if status != "failed":
-        return Verdict()
+        return RequestVerdict()
     if _queue_full(errors):
         message = " ".join(str(e.get("message", "")) for e in errors)
-        return Verdict(
+        return RequestVerdict(
             requeue=tuple(missing), queue_full=True, learned_limit=learn_queue_limit(message)
         )
     by_line = _by_line(errors)
     if by_line:
         ids = ids_by_line or {}
         bad = {ids[n]: e for n, e in by_line.items() if n in ids}
-        return Verdict(
+        return RequestVerdict(
             fail=tuple(
                 (k, f"{bad[k].get('code')}: {bad[k].get('message')}") for k in missing if k in bad
             ),
             requeue=tuple(k for k in missing if k not in bad),
         )
     reason = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors) or "batch failed"
-    return Verdict(retry=tuple((k, reason) for k in missing))
+    return RequestVerdict(retry=tuple((k, reason) for k in missing))

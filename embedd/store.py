@@ -29,7 +29,7 @@ import numpy.typing as npt
 
 from embedd.crashpoints import fault_point
 from embedd.errors import FatalError
-from embedd.outcome import Verdict
+from embedd.outcome import RequestVerdict
 from embedd.states import (
     FILE_ACTIVE,
     FILE_TRANSITIONS,
@@ -998,7 +998,7 @@ class Store:
         vectors stay); otherwise it was never submitted and the caller abandons it."""
         keys = await self.shard_keys(shard)
         await self.apply_results(
-            Verdict(fail=tuple((k, reason) for k in keys)),
+            RequestVerdict(fail=tuple((k, reason) for k in keys)),
             shard=shard if collected else None,
             max_retries=max_retries,
             now=now,
@@ -1006,7 +1006,7 @@ class Store:
 
     async def apply_results(
         self,
-        verdict: Verdict,
+        verdict: RequestVerdict,
         *,
         max_retries: int,
         now: float,

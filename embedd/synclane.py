@@ -31,7 +31,7 @@ from embedd.config import Settings
 from embedd.cost import entry_row, make_entry
 from embedd.errors import APIPermanentError, SubmissionPaused, TransientError
 from embedd.gate import SubmissionGate
-from embedd.outcome import Verdict
+from embedd.outcome import RequestVerdict
 from embedd.planner import pack_sync
 from embedd.store import Pending, Store, new_id
 from embedd.supervise import Supervisor
@@ -185,7 +185,7 @@ async def call(rt: SyncLane, group: list[Pending]) -> None:
         now=ledger_time(rt.books),
     )
     await rt.store.apply_results(
-        Verdict(retry=tuple(retry)),
+        RequestVerdict(retry=tuple(retry)),
         vectors=vectors,
         origin=call_id,
         ledger=entry_row(entry),
@@ -198,6 +198,8 @@ async def call(rt: SyncLane, group: list[Pending]) -> None:
 
 async def _settle(rt: SyncLane, req: Pending, error: str) -> None:
     await rt.store.apply_results(
-        Verdict(fail=((req.key, error),)), max_retries=rt.settings.retry_max_retries, now=rt.clock()
+        RequestVerdict(fail=((req.key, error),)),
+        max_retries=rt.settings.retry_max_retries,
+        now=rt.clock(),
     )
     rt.log.warning("sync.refused", key=req.key[:12], error=error)

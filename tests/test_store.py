@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from embedd.errors import FatalError
-from embedd.outcome import Verdict
+from embedd.outcome import RequestVerdict
 from embedd.states import FILE_TRANSITIONS, REQUEST_TRANSITIONS, SHARD_TRANSITIONS, check_sql
 from embedd.store import (
     MIGRATIONS,
@@ -124,7 +124,7 @@ async def apply(
     """apply_results with nothing to do except what the test names."""
     args: dict[str, Any] = {"origin": "test", "max_retries": 2, "now": NOW}
     args.update(changes)
-    verdict = Verdict(retry=tuple(retry), fail=tuple(fail), requeue=tuple(requeue))
+    verdict = RequestVerdict(retry=tuple(retry), fail=tuple(fail), requeue=tuple(requeue))
     await s.apply_results(verdict, **args)
 
 
