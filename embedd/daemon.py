@@ -125,7 +125,6 @@ def wire(
     books = Books(s, store, ledger, clock, log, s.emulate, prices_of(s))
     queue_lock = asyncio.Lock()
     poll = s.emulator_poll_interval if s.emulate else s.batch_poll_interval
-    common = {"store": store, "clock": clock, "log": log, "wake": wake, "stopping": stopping}
     return Pipeline(
         settings=s,
         paths=paths,
@@ -137,24 +136,17 @@ def wire(
         guard=guard,
         gate=gate,
         books=books,
-        intake=Intake(
-            settings=s, paths=paths, tokenizer=tokenizer, guard=guard, queue_lock=queue_lock,
-            **common,
-        ),
+        intake=Intake(s, paths, store, tokenizer, clock, log, wake, guard, stopping, queue_lock),
         submitter=Submitter(
-            settings=s, paths=paths, client=client, guard=guard, gate=gate, books=books,
-            **common,
+            s, paths, store, client, clock, log, wake, guard, stopping, gate, books
         ),
         collector=Collector(
-            settings=s, paths=paths, client=client, guard=guard, gate=gate, books=books,
-            poll_interval=poll, **common,
+            s, paths, store, client, clock, log, wake, guard, stopping, gate, books, poll
         ),
-        delivery=Delivery(settings=s, paths=paths, guard=guard, books=books, **common),
-        sync=SyncLane(
-            settings=s, client=client, guard=guard, gate=gate, books=books, **common
-        ),
-        retention=Retention(settings=s, queue_lock=queue_lock, **common),
-    )  # fmt: skip
+        delivery=Delivery(s, paths, store, clock, log, wake, guard, stopping, books),
+        sync=SyncLane(s, store, client, clock, log, wake, guard, stopping, gate, books),
+        retention=Retention(s, store, clock, log, wake, stopping, queue_lock),
+    )
 
 
 async def run_daemon(
