@@ -154,7 +154,6 @@ class OpenAIClient:
         self._sleep = sleep
         self._wall = wall_clock
         self._log = logger if logger is not None else structlog.get_logger("embedd.api")
-        self.paused_reason: str | None = None
 
     # ----------------------------------------------------------------- the pipeline
 
@@ -221,7 +220,6 @@ class OpenAIClient:
                 raise APIPermanentError(message, status=outcome.status, code=code)
             if decision is Decision.PAUSE:
                 self._breaker_outcome(ok=True)
-                self.paused_reason = message
                 self._log.error("api.paused", op=op, status=outcome.status, reason=message)
                 raise SubmissionPaused(message, status=outcome.status, code=code)
             # RETRY. A 429 is the server throttling us, not failing: it feeds the
@@ -510,16 +508,12 @@ class OpenAIClient:
                 return
             after = last
 
-    def clear_pause(self) -> None:
-        """Forget a recorded pause (the operator fixed the key or the quota)."""
-        self.paused_reason = None
-
     def status_snapshot(self) -> dict[str, Any]:
-        """Breaker state, pause reason and limiter levels, for ``embedd status``."""
+        """Breaker state and limiter levels, for ``embedd status``. (A pause is not the
+        client's: it raises `SubmissionPaused`, and the submission gate keeps it.)"""
         now = self._clock()
         return {
             "breaker": self.breaker.snapshot(now),
-            "paused": self.paused_reason,
             "limiter": self.limiter.snapshot(now),
         }
 

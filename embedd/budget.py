@@ -37,7 +37,7 @@ What the daemon does with a decision:
 
 New usage reaches the ledger through `flush_ledger`, which then calls `check_spend`:
 asked again with nothing to submit, so a crossing caused by usage that came in above
-its estimate also raises the alert. Entries are stamped with the runtime's clock
+its estimate also raises the alert. Entries are stamped with the books' clock
 (`entry_maker`), the clock budgets use to tell which day and month a cost belongs to.
 
 Known limit: sync calls in flight (at most a handful, seconds long) are not counted
@@ -52,6 +52,7 @@ from decimal import Decimal
 from typing import Any
 
 from embedd import ledger
+from embedd.books import Books
 from embedd.ledger import (
     AlertEntry,
     BudgetAction,
@@ -64,7 +65,6 @@ from embedd.ledger import (
     period_spend,
 )
 from embedd.prices import format_usd, lane_cost
-from embedd.runtime import Runtime
 from embedd.states import SHARD_IN_FLIGHT
 
 _BUDGETS: tuple[BudgetName, ...] = ("daily", "monthly")
@@ -196,18 +196,18 @@ class Spend:
     in_flight: Decimal
 
 
-def entry_maker(rt: Runtime) -> EntryMaker:
+def entry_maker(rt: Books) -> EntryMaker:
     """Ledger entries for this daemon: its model, dimensions, prices and clock."""
     s = rt.settings
     return EntryMaker(s.openai_model, s.openai_dimensions, rt.emulated, rt.prices, rt.clock)
 
 
-def ledger_time(rt: Runtime) -> datetime:
+def ledger_time(rt: Books) -> datetime:
     """The time a ledger entry made now is stamped with."""
     return datetime.fromtimestamp(rt.clock(), UTC)
 
 
-async def flush_ledger(rt: Runtime) -> int:
+async def flush_ledger(rt: Books) -> int:
     """Append every ledger row not yet in ledger.jsonl; return how many were appended.
 
     New usage may have crossed a budget: it is checked once the lines are written.
@@ -218,7 +218,7 @@ async def flush_ledger(rt: Runtime) -> int:
     return len(appended)
 
 
-async def record_dedup(rt: Runtime, job: str, lane: str, tokens: int) -> None:
+async def record_dedup(rt: Books, job: str, lane: str, tokens: int) -> None:
     """A `kind: "dedup"` ledger line for what deduplication saved one file: no cost.
 
     Keyed by the job, so delivering the file again after a crash adds no second line.
@@ -228,7 +228,7 @@ async def record_dedup(rt: Runtime, job: str, lane: str, tokens: int) -> None:
     await flush_ledger(rt)
 
 
-def budget_of(rt: Runtime) -> Budget | None:
+def budget_of(rt: Books) -> Budget | None:
     """The configured budget, or None when neither limit is set."""
     s = rt.settings
     if s.budget_daily_usd is None and s.budget_monthly_usd is None:
@@ -236,7 +236,7 @@ def budget_of(rt: Runtime) -> Budget | None:
     return Budget(s.budget_daily_usd, s.budget_monthly_usd, s.budget_action)  # type: ignore[arg-type]
 
 
-async def spend(rt: Runtime, now: datetime) -> Spend:
+async def spend(rt: Books, now: datetime) -> Spend:
     """What the day and month of `now` have cost so far, and what is in flight."""
     day_ts = format_ts(period_start(now, "daily"))
     month_ts = format_ts(period_start(now, "monthly"))
@@ -251,7 +251,7 @@ async def spend(rt: Runtime, now: datetime) -> Spend:
     return Spend(billed.today, billed.month, in_flight)
 
 
-async def submission_allowed(rt: Runtime, tokens: int, lane: str) -> bool:
+async def submission_allowed(rt: Books, tokens: int, lane: str) -> bool:
     """True when submitting `tokens` more on `lane` keeps within the budgets.
 
     With `warn` this is always True (an alert is recorded when a budget is crossed);
@@ -272,7 +272,7 @@ async def submission_allowed(rt: Runtime, tokens: int, lane: str) -> bool:
     return decision.allowed
 
 
-async def check_spend(rt: Runtime) -> None:
+async def check_spend(rt: Books) -> None:
     """After usage was recorded: alert if the billed spend alone crossed a budget."""
     budget = budget_of(rt)
     if budget is None:
@@ -285,7 +285,7 @@ async def check_spend(rt: Runtime) -> None:
 
 
 async def _act(
-    rt: Runtime,
+    rt: Books,
     budget: Budget,
     now: datetime,
     current: Spend,
@@ -316,7 +316,7 @@ async def _act(
         await rt.store.set_fact(FACT, fact)
 
 
-async def _alert(rt: Runtime, alert: AlertEntry) -> None:
+async def _alert(rt: Books, alert: AlertEntry) -> None:
     """Log and record an alert, once per budget and period."""
     if alert.key in rt.ledger:
         return

@@ -6,14 +6,13 @@ thread, a slice at a time. Vectors are stored slice by slice (idempotent: a cras
 repeats the download and re-inserts nothing twice); the verdict on every other
 request and the ledger row land in one final transaction with `collected`.
 
-Outcome policy (SPEC §4):
-    completed          missing custom_id → retry (counted against max_retries)
-    expired, cancelled missing → re-queued at no cost to retries
-    failed             token_limit_exceeded → all re-queued, back off, learn the limit;
-                       errors naming lines → those fail for good, the rest re-queued;
-                       otherwise → retry (counted), so a poison shard cannot loop
-    error-file lines   batch_expired / batch_cancelled → re-queued at no cost to retries;
-                       retryable (429, 5xx) → retry; anything else fails its record
+The outcome policy (SPEC §4) — what happens to each request of an ended batch — is
+a pure function in embedd.outcome; `collect` applies its verdict.
+
+`collect`, step by step: `_store_vectors` (download, parse, store vectors slice by
+slice), `_judge` (the verdict on the requests no line named), the gate's backoff for
+a full queue, `_bill` (tokens and the ledger row), `_close` (remote deletes planned,
+verdict and ledger row applied, shard closed), then the ledger flush and clean-up.
 """
 
 from __future__ import annotations
@@ -21,20 +20,28 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from embedd import metrics
+from embedd.api import OpenAIClient
 from embedd.batchlines import LineResult, MalformedLine, parse_output_line
+from embedd.books import Books
 from embedd.budget import entry_maker, flush_ledger
+from embedd.config import Settings
 from embedd.crashpoints import crash_point
 from embedd.errors import APIPermanentError, EmbeddError, SubmissionPaused, TransientError
+from embedd.gate import SubmissionGate
 from embedd.ledger import entry_row
-from embedd.planner import learn_queue_limit
-from embedd.runtime import Runtime
+from embedd.outcome import RequestVerdict, batch_errors, judge_missing, needs_line_ids
+from embedd.spool import SpoolPaths
 from embedd.states import BATCH_TERMINAL, SHARD_IN_FLIGHT
+from embedd.store import Store
+from embedd.supervise import Supervisor
 from embedd.vectors import VectorLike
+from embedd.wakeups import Wakeups
 
 SLICE = 1000
 READ_BUFFER = 1 << 20  # output lines are ~16 KB at 3072 dimensions: read many at once
@@ -43,11 +50,30 @@ READ_BUFFER = 1 << 20  # output lines are ~16 KB at 3072 dimensions: read many a
 UNFINISHED_CODES = frozenset({"batch_expired", "batch_cancelled"})
 
 
-def downloads_dir(rt: Runtime) -> Path:
+@dataclass(frozen=True)
+class Collector:
+    """What the collection stage uses. `poll_interval`: seconds between two polls of
+    a batch (`[batch] poll_interval`, or `[emulator] poll_interval` when emulated)."""
+
+    settings: Settings
+    paths: SpoolPaths
+    store: Store
+    client: OpenAIClient
+    clock: Callable[[], float]
+    log: Any
+    wake: Wakeups
+    guard: Supervisor
+    stopping: asyncio.Event
+    gate: SubmissionGate
+    books: Books
+    poll_interval: float
+
+
+def downloads_dir(rt: Collector) -> Path:
     return rt.paths.state_dir / "downloads"
 
 
-async def sweep_local_files(rt: Runtime) -> list[str]:
+async def sweep_local_files(rt: Collector) -> list[str]:
     """At start, before any stage runs: remove `state/shards/` and `state/downloads/`
     files (and `.part` leftovers) that no unfinished shard needs; return their names."""
     keep = {r["id"] for r in await rt.store.shards_in(*SHARD_IN_FLIGHT)}
@@ -63,7 +89,7 @@ async def sweep_local_files(rt: Runtime) -> list[str]:
     return removed
 
 
-async def poll_loop(rt: Runtime) -> None:
+async def poll_loop(rt: Collector) -> None:
     """Poll every batch in flight each poll interval; collect those that ended."""
     while not rt.stopping.is_set():
         try:
@@ -75,7 +101,7 @@ async def poll_loop(rt: Runtime) -> None:
         await rt.wake.wait("poll", rt.poll_interval)
 
 
-async def poll_once(rt: Runtime) -> None:
+async def poll_once(rt: Collector) -> None:
     for row in await rt.store.shards_in("collecting"):
         await _collect_supervised(rt, row["id"], json.loads(row["final"]))
     now = rt.clock()
@@ -95,7 +121,7 @@ async def poll_once(rt: Runtime) -> None:
     await delete_remote_files(rt)
 
 
-async def _collect_supervised(rt: Runtime, shard: str, batch: dict[str, Any]) -> None:
+async def _collect_supervised(rt: Collector, shard: str, batch: dict[str, Any]) -> None:
     """`collect` as a supervised unit (SPEC §8): given up, its requests fail for good."""
     await rt.guard.run(
         "collect",
@@ -105,7 +131,7 @@ async def _collect_supervised(rt: Runtime, shard: str, batch: dict[str, Any]) ->
     )
 
 
-async def give_up_shard(rt: Runtime, shard: str, reason: str) -> None:
+async def give_up_shard(rt: Collector, shard: str, reason: str) -> None:
     """A batch that cannot be polled or collected, for good: what it did not deliver
     fails with `reason` (vectors already stored stay), and the shard is closed. Its
     batch is handed to the stray-batch settlement: cancelled if it still runs, and
@@ -123,7 +149,7 @@ async def give_up_shard(rt: Runtime, shard: str, reason: str) -> None:
     rt.wake.kick("deliver", "plan")
 
 
-async def _poll_shard(rt: Runtime, row: Any, now: float) -> None:
+async def _poll_shard(rt: Collector, row: Any, now: float) -> None:
     batch = await rt.client.retrieve_batch(row["batch_id"])
     status = batch.get("status")
     if status != row["status"]:
@@ -151,18 +177,71 @@ async def _poll_shard(rt: Runtime, row: Any, now: float) -> None:
         await rt.client.cancel_batch(row["batch_id"])
 
 
-def _stuck(rt: Runtime, batch: dict[str, Any], now: float) -> bool:
+def _stuck(rt: Collector, batch: dict[str, Any], now: float) -> bool:
     expires = batch.get("expires_at")
     return isinstance(expires, int | float) and now > expires + rt.settings.batch_expiry_grace
 
 
-async def collect(rt: Runtime, shard: str, batch: dict[str, Any]) -> None:
+@dataclass
+class _Lines:
+    """What the output and error files said, line by line (vectors already stored)."""
+
+    seen: set[str]
+    verdict: RequestVerdict  # on the error-file lines
+    completed: int  # lines with a vector
+    line_tokens: int  # the tokens those lines report
+
+
+async def collect(rt: Collector, shard: str, batch: dict[str, Any]) -> None:
     """Collect one ended batch: vectors, per-request verdicts, ledger line."""
-    s = rt.settings
     # Membership from the shard's own record: a resumed collection (after a kill, or
     # a failed download) counts every line again, not only those still planned.
     sent = await rt.store.shard_members(shard) or await rt.store.shard_tokens(shard)
-    status = str(batch.get("status"))
+    files = [
+        (kind, batch.get(f"{kind}_file_id"))
+        for kind in ("output", "error")
+        if batch.get(f"{kind}_file_id")
+    ]
+    lines = await _store_vectors(rt, shard, batch, sent, files)
+    crash_point("after_collect_vectors")
+    judged = await _judge(rt, shard, batch, sent, lines.seen)
+    if judged.queue_full:
+        delay = await rt.gate.queue_full(judged.learned_limit)
+        rt.log.warning(
+            "batch.queue_limit", shard=shard, requeued=len(judged.requeue), backoff_s=delay
+        )
+    verdict = lines.verdict + judged
+    tokens, ledger_row = _bill(rt, batch, sent, lines, verdict)
+    await _close(rt, shard, batch, files, verdict, ledger_row)
+    rt.log.info(
+        "batch.collected",
+        shard=shard,
+        batch=str(batch.get("id")),
+        status=str(batch.get("status")),
+        completed=lines.completed,
+        retried=len(verdict.retry),
+        failed=len(verdict.fail),
+        requeued=len(verdict.requeue),
+        tokens=tokens,
+    )
+    created = batch.get("created_at")
+    if isinstance(created, int | float):  # submitted (the API's clock) to collected
+        metrics.TURNAROUND.observe(max(0.0, rt.clock() - created))
+    await flush_ledger(rt.books)
+    await _clean_up(rt, shard, batch, files)
+    rt.wake.kick("deliver", "plan", "retain")
+
+
+async def _store_vectors(
+    rt: Collector,
+    shard: str,
+    batch: dict[str, Any],
+    sent: dict[str, int],
+    files: list[tuple[str, Any]],
+) -> _Lines:
+    """Download the output and error files, store their vectors a slice at a time, and
+    sort their other lines (retry, fail, requeue)."""
+    s = rt.settings
     batch_id = str(batch.get("id"))
     seen: set[str] = set()
     retry: list[tuple[str, str]] = []
@@ -172,11 +251,6 @@ async def collect(rt: Runtime, shard: str, batch: dict[str, Any]) -> None:
     line_tokens = 0
     downloads = downloads_dir(rt)
     downloads.mkdir(parents=True, exist_ok=True)
-    files = [
-        (kind, batch.get(f"{kind}_file_id"))
-        for kind in ("output", "error")
-        if batch.get(f"{kind}_file_id")
-    ]
     for kind, file_id in files:
         dest = downloads / f"{shard}.{kind}.jsonl"
         try:
@@ -208,107 +282,79 @@ async def collect(rt: Runtime, shard: str, batch: dict[str, Any]) -> None:
                     completed += len(good)
                     await store.add(good)
                     crash_point("during_collect_vectors")  # written, not yet indexed
-    crash_point("after_collect_vectors")
-    missing = [k for k in sent if k not in seen]
-    if status == "completed":
-        retry.extend((k, "missing from the batch's output and error files") for k in missing)
-    elif status in ("expired", "cancelled"):
-        requeue.extend(missing)
-    elif status == "failed":
-        await _failed_batch(rt, shard, batch, missing, fail, requeue, retry)
+    return _Lines(
+        seen, RequestVerdict(tuple(retry), tuple(fail), tuple(requeue)), completed, line_tokens
+    )
+
+
+async def _judge(
+    rt: Collector, shard: str, batch: dict[str, Any], sent: dict[str, int], seen: set[str]
+) -> RequestVerdict:
+    """The verdict (embedd.outcome) on the requests no line of the batch's files named."""
+    status = str(batch.get("status"))
+    errors = batch_errors(batch)
+    ids: dict[int, str] = {}
+    if needs_line_ids(status, errors):
+        shard_file = Path(await rt.store.shard_path(shard) or "")
+        ids = await asyncio.to_thread(_custom_ids_by_line, shard_file)
+    return judge_missing(status, [k for k in sent if k not in seen], errors, ids)
+
+
+def _bill(
+    rt: Collector,
+    batch: dict[str, Any],
+    sent: dict[str, int],
+    lines: _Lines,
+    verdict: RequestVerdict,
+) -> tuple[int, tuple[str, str, str, str] | None]:
+    """The tokens billed for the batch (the API's usage when it is exact, else what the
+    lines report or, failing that, our own count) and its ledger row (None: nothing)."""
+    completed = lines.completed
     usage = batch.get("usage") or {}
     billed = usage.get("input_tokens") if isinstance(usage, dict) else None
     exact = (
         isinstance(billed, int) and not isinstance(billed, bool) and (billed > 0 or not completed)
     )
-    tokens = int(billed) if exact and isinstance(billed, int) else line_tokens
-    ledger_row = None
-    unbilled = {k for k, _ in retry} | {k for k, _ in fail} | set(requeue)
+    tokens = int(billed) if exact and isinstance(billed, int) else lines.line_tokens
+    unbilled = verdict.unbilled()
     if not exact and completed and not tokens:
-        tokens = sum(sent[k] for k in seen if k not in unbilled)
-    if completed or tokens:
-        entry = entry_maker(rt).usage(
-            "batch",
-            batch_id=batch_id,
-            requests=completed,
-            tokens=tokens,
-            estimated_tokens=sum(sent[k] for k in seen if k not in unbilled),
-            estimated=not exact,
-        )
-        ledger_row = entry_row(entry)
+        tokens = sum(sent[k] for k in lines.seen if k not in unbilled)
+    if not (completed or tokens):
+        return tokens, None
+    entry = entry_maker(rt.books).usage(
+        "batch",
+        batch_id=str(batch.get("id")),
+        requests=completed,
+        tokens=tokens,
+        estimated_tokens=sum(sent[k] for k in lines.seen if k not in unbilled),
+        estimated=not exact,
+    )
+    return tokens, entry_row(entry)
+
+
+async def _close(
+    rt: Collector,
+    shard: str,
+    batch: dict[str, Any],
+    files: list[tuple[str, Any]],
+    verdict: RequestVerdict,
+    ledger_row: tuple[str, str, str, str] | None,
+) -> None:
+    """Record the remote deletes, then apply the verdict and the ledger row and close
+    the shard, in one transaction."""
     # Recorded before the shard is final; carried out (and retried) once it is.
     remote = [("input", batch.get("input_file_id")), *files]
     await rt.store.plan_remote_deletes(
         [(str(fid), shard, kind) for kind, fid in remote if fid], rt.clock()
     )
     await rt.store.apply_results(
+        verdict,
         shard=shard,
-        vectors=[],
-        origin=batch_id,
-        retry=retry,
-        fail=fail,
-        requeue=requeue,
-        max_retries=s.retry_max_retries,
+        origin=str(batch.get("id")),
         ledger=ledger_row,
+        max_retries=rt.settings.retry_max_retries,
         now=rt.clock(),
     )
-    rt.log.info(
-        "batch.collected",
-        shard=shard,
-        batch=batch_id,
-        status=status,
-        completed=completed,
-        retried=len(retry),
-        failed=len(fail),
-        requeued=len(requeue),
-        tokens=tokens,
-    )
-    created = batch.get("created_at")
-    if isinstance(created, int | float):  # submitted (the API's clock) to collected
-        metrics.TURNAROUND.observe(max(0.0, rt.clock() - created))
-    await flush_ledger(rt)
-    await _clean_up(rt, shard, batch, files)
-    rt.wake.kick("deliver", "plan", "retain")
-
-
-async def _failed_batch(
-    rt: Runtime,
-    shard: str,
-    batch: dict[str, Any],
-    missing: list[str],
-    fail: list[tuple[str, str]],
-    requeue: list[str],
-    retry: list[tuple[str, str]],
-) -> None:
-    errors = ((batch.get("errors") or {}).get("data")) or []
-    if any(e.get("code") == "token_limit_exceeded" for e in errors):
-        requeue.extend(missing)
-        message = " ".join(str(e.get("message", "")) for e in errors)
-        limit = learn_queue_limit(message)
-        if limit is not None and limit < rt.queue_limit:
-            rt.log.warning(
-                "queue_limit.learned", configured=rt.queue_limit, organisation_limit=limit
-            )
-            rt.queue_limit = limit
-            await rt.store.set_fact("queue_limit", limit)
-        rt.queue_backoff_streak += 1
-        delay = rt.client.policy.delay(rt.queue_backoff_streak, None)
-        rt.queue_backoff_until = rt.clock() + delay
-        rt.log.warning("batch.queue_limit", shard=shard, requeued=len(missing), backoff_s=delay)
-        return
-    by_line = {int(e["line"]): e for e in errors if isinstance(e.get("line"), int)}
-    if by_line:
-        shard_file = Path(await rt.store.shard_path(shard) or "")
-        ids = await asyncio.to_thread(_custom_ids_by_line, shard_file)
-        bad = {ids[n]: e for n, e in by_line.items() if n in ids}
-        for key in missing:
-            if key in bad:
-                fail.append((key, f"{bad[key].get('code')}: {bad[key].get('message')}"))
-            else:
-                requeue.append(key)
-        return
-    reason = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors) or "batch failed"
-    retry.extend((k, reason) for k in missing)
 
 
 def _custom_ids_by_line(path: Path) -> dict[int, str]:
@@ -361,7 +407,7 @@ def _describe(r: LineResult) -> str:
 
 
 async def _clean_up(
-    rt: Runtime, shard: str, batch: dict[str, Any], files: list[tuple[str, Any]]
+    rt: Collector, shard: str, batch: dict[str, Any], files: list[tuple[str, Any]]
 ) -> None:
     """Remove the local copies; the files at OpenAI go through the recorded deletes."""
     for kind, _ in files:
@@ -374,7 +420,7 @@ async def _clean_up(
     await delete_remote_files(rt)
 
 
-async def delete_remote_files(rt: Runtime) -> None:
+async def delete_remote_files(rt: Collector) -> None:
     """Carry out the recorded deletes that are due; a failure is retried with backoff."""
     now = rt.clock()
     for row in await rt.store.due_remote_deletes(now):
@@ -397,7 +443,7 @@ async def delete_remote_files(rt: Runtime) -> None:
         rt.log.info("file.deleted", file_id=file_id, kind=row["kind"], shard=row["shard"])
 
 
-async def poll_strays(rt: Runtime) -> None:
+async def poll_strays(rt: Collector) -> None:
     """Second batches found for a shard: cancel while they run, bill them when they end.
 
     Their output is not used (the shard's own batch carries its work); what OpenAI
@@ -431,7 +477,7 @@ async def poll_strays(rt: Runtime) -> None:
             tokens = round(sum(members.values()) * share)
         ledger_row = None
         if completed or tokens:
-            entry = entry_maker(rt).usage(
+            entry = entry_maker(rt.books).usage(
                 "batch",
                 batch_id=batch_id,
                 requests=completed,
@@ -460,4 +506,4 @@ async def poll_strays(rt: Runtime) -> None:
             completed=completed,
             tokens=tokens,
         )
-        await flush_ledger(rt)
+        await flush_ledger(rt.books)

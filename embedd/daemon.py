@@ -8,7 +8,7 @@ Start-up, in order, before `READY=1`:
 The watchdog pings (while the state database answers) from step 2 on. After READY
 the stages run side by side in the same TaskGroup: intake (file events + periodic
 scan), submitter, poller/collector, sync lane, delivery and status. Each stage runs
-its units of work in `rt.guard` (embedd.supervise, SPEC §8), so a failing unit is
+its units of work in the one guard (embedd.supervise, SPEC §8), so a failing unit is
 retried or failed alone; only a daemon-level fault (state database unusable) leaves a
 stage and takes the daemon down (systemd restarts it). Nothing is lost, because every
 stage is safe to interrupt at any await.
@@ -27,34 +27,38 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import watchfiles
 
 from embedd.api import OpenAIClient, make_session
+from embedd.books import Books, prices_of
 from embedd.breaker import Breaker
 from embedd.budget import flush_ledger
-from embedd.collector import poll_loop, sweep_local_files
+from embedd.collector import Collector, poll_loop, sweep_local_files
 from embedd.config import Settings
 from embedd.crashpoints import fault_point
-from embedd.delivery import deliver_loop, deliver_ready
+from embedd.delivery import Delivery, deliver_loop, deliver_ready
 from embedd.errors import SubmissionPaused, TransientError
-from embedd.intake import resume_claims, scan_and_claim
+from embedd.gate import SubmissionGate
+from embedd.intake import Intake, resume_claims, scan_and_claim
 from embedd.ledger import Ledger
 from embedd.limiter import Limiter
 from embedd.logs import get_logger
-from embedd.metrics_http import MetricsServer
-from embedd.retention import retention_loop, segment_bytes
+from embedd.metrics_http import MetricsServer, Sources
+from embedd.retention import Retention, retention_loop, segment_bytes
 from embedd.retry import RetryPolicy
-from embedd.runtime import Runtime
 from embedd.safety import check_ownership, check_spool_safety
 from embedd.spool import SpoolPaths, check_same_filesystem, scan, sweep_stale_temps
 from embedd.states import FILE_ACTIVE
 from embedd.store import Store
-from embedd.submitter import pause, reconcile, submit_loop
-from embedd.supervise import Action, verdict
-from embedd.synclane import sync_loop
+from embedd.submitter import Submitter, reconcile, submit_loop
+from embedd.supervise import Action, Supervisor, verdict
+from embedd.synclane import SyncLane, sync_loop
 from embedd.systemd import Notifier, watchdog_loop
 from embedd.tokens import Tokenizer
+from embedd.wakeups import Wakeups
 
 log = get_logger("embedd.daemon")
 
@@ -67,15 +71,100 @@ def spool_paths(settings: Settings) -> SpoolPaths:
     return SpoolPaths.from_root(settings.spool_root, settings.spool_state_dir)
 
 
+@dataclass(frozen=True)
+class Pipeline:
+    """One daemon's stages, each given the edges it uses (built by `wire`).
+
+    Only the daemon holds this: each stage is handed its own part (`intake`,
+    `submitter`, ...), never the whole. The shared pieces are here for the daemon's
+    own start-up and status loop.
+    """
+
+    settings: Settings
+    paths: SpoolPaths
+    store: Store
+    client: OpenAIClient
+    clock: Callable[[], float]
+    wake: Wakeups
+    stopping: asyncio.Event
+    guard: Supervisor
+    gate: SubmissionGate
+    books: Books
+    intake: Intake
+    submitter: Submitter
+    collector: Collector
+    delivery: Delivery
+    sync: SyncLane
+    retention: Retention
+
+
+def wire(
+    settings: Settings,
+    paths: SpoolPaths,
+    store: Store,
+    client: OpenAIClient,
+    tokenizer: Tokenizer,
+    ledger: Ledger,
+    *,
+    log: Any = log,
+    clock: Callable[[], float] = time.time,
+    stopping: asyncio.Event | None = None,
+) -> Pipeline:
+    """Wire the stages to the edges: the one guard, gate, books and wake-ups they share."""
+    s = settings
+    stopping = stopping if stopping is not None else asyncio.Event()
+    wake = Wakeups()
+    guard = Supervisor(store, log, clock, s.retry_max_retries, s.retry_base, s.retry_cap)
+    gate = SubmissionGate(
+        store,
+        clock,
+        log,
+        queue_limit=s.batch_queue_tokens,
+        pause_for=max(60.0, s.breaker_cooldown),
+        backoff=client.policy,
+    )
+    books = Books(s, store, ledger, clock, log, s.emulate, prices_of(s))
+    queue_lock = asyncio.Lock()
+    poll = s.emulator_poll_interval if s.emulate else s.batch_poll_interval
+    return Pipeline(
+        settings=s,
+        paths=paths,
+        store=store,
+        client=client,
+        clock=clock,
+        wake=wake,
+        stopping=stopping,
+        guard=guard,
+        gate=gate,
+        books=books,
+        intake=Intake(s, paths, store, tokenizer, clock, log, wake, guard, stopping, queue_lock),
+        submitter=Submitter(
+            s, paths, store, client, clock, log, wake, guard, stopping, gate, books
+        ),
+        collector=Collector(
+            s, paths, store, client, clock, log, wake, guard, stopping, gate, books, poll
+        ),
+        delivery=Delivery(s, paths, store, clock, log, wake, guard, stopping, books),
+        sync=SyncLane(s, store, client, clock, log, wake, guard, stopping, gate, books),
+        retention=Retention(s, store, clock, log, wake, stopping, queue_lock),
+    )
+
+
 async def run_daemon(
     settings: Settings,
     api_key: str,
     *,
     notifier: Notifier | None = None,
     until_idle: bool = False,
-    on_ready: Callable[[Runtime], Awaitable[None]] | None = None,
+    on_ready: Callable[[Wakeups], Awaitable[None]] | None = None,
+    clock: Callable[[], float] = time.time,
+    tokenizer: Tokenizer | None = None,
 ) -> int:
-    """Run until SIGTERM/SIGINT (or, with `until_idle`, until no work is left)."""
+    """Run until SIGTERM/SIGINT (or, with `until_idle`, until no work is left).
+
+    `clock` is the wall clock stages, ledger and budgets use; `tokenizer` the one
+    intake counts tokens with (built here when not given: it takes a while).
+    """
     notifier = notifier or Notifier.from_env()
     paths = spool_paths(settings)
     # Refuse an unsafe spool before creating anything in it, then check what was created.
@@ -86,7 +175,9 @@ async def run_daemon(
     check_ownership(paths.state_dir / "embedd.sqlite3", paths.ledger)
     stopping = asyncio.Event()
     with _signals_handled(notifier, stopping, settings.daemon_stop_timeout):
-        return await _run(settings, api_key, paths, notifier, stopping, until_idle, on_ready)
+        return await _run(
+            settings, api_key, paths, notifier, stopping, until_idle, on_ready, clock, tokenizer
+        )
 
 
 async def _run(
@@ -96,7 +187,9 @@ async def _run(
     notifier: Notifier,
     stopping: asyncio.Event,
     until_idle: bool,
-    on_ready: Callable[[Runtime], Awaitable[None]] | None,
+    on_ready: Callable[[Wakeups], Awaitable[None]] | None,
+    clock: Callable[[], float],
+    tokenizer: Tokenizer | None,
 ) -> int:
     async with contextlib.AsyncExitStack() as edges:  # closed in reverse, whatever happens
         base_url = settings.openai_base_url
@@ -133,24 +226,13 @@ async def _run(
             auth_header=settings.openai_auth_header,
             logger=get_logger("embedd.api"),
         )
-        tokenizer = await asyncio.to_thread(Tokenizer)
+        if tokenizer is None:
+            tokenizer = await asyncio.to_thread(Tokenizer)
         ledger = await asyncio.to_thread(Ledger, paths.ledger)
-        rt = Runtime(
-            settings=settings,
-            paths=paths,
-            store=store,
-            client=client,
-            tokenizer=tokenizer,
-            ledger=ledger,
-            log=log,
-            emulated=settings.emulate,
-            stopping=stopping,
-        )
-        facts = await store.facts()
-        if isinstance(facts.get("queue_limit"), int):
-            rt.queue_limit = min(rt.queue_limit, facts["queue_limit"])
+        rt = wire(settings, paths, store, client, tokenizer, ledger, clock=clock, stopping=stopping)
+        rt.gate.restore(await store.facts())
         if settings.metrics_listen:
-            metrics_server = MetricsServer(rt)
+            metrics_server = MetricsServer(Sources(store, client, rt.gate, paths.state_dir, clock))
             edges.push_async_callback(metrics_server.close)
             try:
                 url = await metrics_server.start(settings.metrics_listen)
@@ -199,10 +281,10 @@ def _overran() -> None:
 
 
 async def _serve(
-    rt: Runtime,
+    rt: Pipeline,
     notifier: Notifier,
     until_idle: bool,
-    on_ready: Callable[[Runtime], Awaitable[None]] | None,
+    on_ready: Callable[[Wakeups], Awaitable[None]] | None,
 ) -> int:
     """Start up, say READY, run the stages; a stop cancels whichever phase is running.
 
@@ -227,19 +309,19 @@ async def _serve(
                 watchdog_loop(notifier, rt.store.probe, START_EXTEND_EVERY, extend)
             )
             await _recover(rt)
-            await scan_and_claim(rt)
+            await scan_and_claim(rt.intake)
             # Facts for `embedd status` only: a full disk must not keep the daemon from READY.
             await rt.guard.book(
                 rt.store.set_fact("daemon", {"pid": os.getpid(), "started": time.time()})
             )
             await rt.guard.publish()  # holds of this run only, not of an earlier one
             # Logged first, so that whoever sees READY=1 finds the line in the log.
-            log.info("daemon.ready", spool=str(rt.paths.root), emulated=rt.emulated)
+            log.info("daemon.ready", spool=str(rt.paths.root), emulated=rt.settings.emulate)
             status = await status_line(rt)
             extender.cancel()
             notifier.ready(status=status)
             if on_ready is not None:
-                await on_ready(rt)
+                await on_ready(rt.wake)
             _start_stages(tg, rt, notifier, until_idle, status)
     except* _Stop:
         pass
@@ -247,21 +329,21 @@ async def _serve(
     return 0
 
 
-async def _recover(rt: Runtime) -> None:
+async def _recover(rt: Pipeline) -> None:
     """Finish what a crash interrupted, then reconcile with OpenAI, before READY."""
     for name in await asyncio.to_thread(sweep_stale_temps, [rt.paths.outbox, rt.paths.failed]):
         log.info("spool.stale_temp_removed", file=name)
-    await resume_claims(rt)
-    for name in await sweep_local_files(rt):
+    await resume_claims(rt.intake)
+    for name in await sweep_local_files(rt.collector):
         log.info("state.leftover_removed", file=name)
     # A full disk must not stop the start: the ledger is flushed again after every
     # collection and delivery, and deliveries are retried by their stage.
-    await rt.guard.run("ledger", "flush", functools.partial(flush_ledger, rt), record=False)
-    await deliver_ready(rt)
+    await rt.guard.run("ledger", "flush", functools.partial(flush_ledger, rt.books), record=False)
+    await deliver_ready(rt.delivery)
     await _reconcile_at_start(rt)
 
 
-async def _reconcile_at_start(rt: Runtime) -> None:
+async def _reconcile_at_start(rt: Pipeline) -> None:
     """Reconcile before READY: transient failures are retried for as long as it takes;
     anything else (an odd answer, a bug) up to `[retry] max_retries` times, then every
     shard that may have a batch becomes `unknown` — no POST until a later lookup settles
@@ -270,11 +352,11 @@ async def _reconcile_at_start(rt: Runtime) -> None:
     attempts = 0
     while not rt.stopping.is_set():
         try:
-            await reconcile(rt)
+            await reconcile(rt.submitter)
             return
         except SubmissionPaused as exc:
             # Without a working key nothing can be reconciled; submission waits too.
-            await pause(rt, exc.message)
+            await rt.gate.pause(exc.message)
             return
         except TransientError as exc:
             log.warning("reconcile.retry", error=exc.message)
@@ -294,7 +376,7 @@ async def _reconcile_at_start(rt: Runtime) -> None:
             await rt.wake.wait("never", v.delay)
 
 
-async def _hold_uploaded_as_unknown(rt: Runtime) -> None:
+async def _hold_uploaded_as_unknown(rt: Pipeline) -> None:
     """Shards uploaded but not known to be submitted may have a batch already: hold them."""
     now = rt.clock()
     for row in await rt.store.shards_in("uploaded"):
@@ -305,15 +387,15 @@ async def _hold_uploaded_as_unknown(rt: Runtime) -> None:
 
 
 def _start_stages(
-    tg: asyncio.TaskGroup, rt: Runtime, notifier: Notifier, until_idle: bool, status: str
+    tg: asyncio.TaskGroup, rt: Pipeline, notifier: Notifier, until_idle: bool, status: str
 ) -> None:
     tg.create_task(_watch_inbox(rt))
     tg.create_task(_periodic_scan(rt))
-    tg.create_task(submit_loop(rt))
-    tg.create_task(poll_loop(rt))
-    tg.create_task(sync_loop(rt))
-    tg.create_task(deliver_loop(rt))
-    tg.create_task(retention_loop(rt))
+    tg.create_task(submit_loop(rt.submitter))
+    tg.create_task(poll_loop(rt.collector))
+    tg.create_task(sync_loop(rt.sync))
+    tg.create_task(deliver_loop(rt.delivery))
+    tg.create_task(retention_loop(rt.retention))
     tg.create_task(_status_loop(rt, notifier, status))
     if until_idle:
         tg.create_task(_stop_when_idle(rt))
@@ -327,7 +409,7 @@ class _Stop(Exception):
 WATCH_RETRY_S = 30.0
 
 
-async def _watch_inbox(rt: Runtime) -> None:
+async def _watch_inbox(rt: Pipeline) -> None:
     """File events wake the intake; the periodic scan catches anything missed.
 
     The watcher can fail at any time — the inotify limit, a name that is not valid
@@ -355,14 +437,14 @@ async def _watch_inbox(rt: Runtime) -> None:
             await rt.wake.wait("watch", WATCH_RETRY_S)
 
 
-async def _periodic_scan(rt: Runtime) -> None:
+async def _periodic_scan(rt: Pipeline) -> None:
     while not rt.stopping.is_set():
         await rt.wake.wait("scan", rt.settings.spool_scan_interval)
         if not rt.stopping.is_set():
-            await scan_and_claim(rt)
+            await scan_and_claim(rt.intake)
 
 
-async def _status_loop(rt: Runtime, notifier: Notifier, last: str) -> None:
+async def _status_loop(rt: Pipeline, notifier: Notifier, last: str) -> None:
     """`STATUS=` whenever the line changes from `last` (checked every second); client
     facts for `embedd status` every 5 s."""
     tick = 0
@@ -371,7 +453,9 @@ async def _status_loop(rt: Runtime, notifier: Notifier, last: str) -> None:
             await rt.guard.book(rt.store.set_fact("client", rt.client.status_snapshot()))
         if rt.guard.held("ledger"):
             # Ledger lines a full disk held back: try again, so the hold ends by itself.
-            await rt.guard.run("ledger", "flush", functools.partial(flush_ledger, rt), record=False)
+            await rt.guard.run(
+                "ledger", "flush", functools.partial(flush_ledger, rt.books), record=False
+            )
         line = await status_line(rt)
         if line != last:
             notifier.status(line)
@@ -380,7 +464,7 @@ async def _status_loop(rt: Runtime, notifier: Notifier, last: str) -> None:
         await rt.wake.wait("status", 1.0)
 
 
-async def status_line(rt: Runtime) -> str:
+async def status_line(rt: Pipeline) -> str:
     counts = await rt.store.counts()
     files = counts["files"]
     shards = counts["shards"]
@@ -392,12 +476,12 @@ async def status_line(rt: Runtime) -> str:
     )
     if shards.get("unknown"):
         text += f", {shards['unknown']} batch create(s) being looked up"
-    if rt.paused_reason:
-        text += f"; PAUSED: {rt.paused_reason}"
+    if rt.gate.paused_reason:
+        text += f"; PAUSED: {rt.gate.paused_reason}"
     return text
 
 
-async def _stop_when_idle(rt: Runtime) -> None:
+async def _stop_when_idle(rt: Pipeline) -> None:
     """For `embedd demo`: stop once the inbox is empty and nothing is in progress."""
     while not rt.stopping.is_set():
         await rt.wake.wait("idle", 0.5)

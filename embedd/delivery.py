@@ -14,7 +14,8 @@ import functools
 import itertools
 import json
 import operator
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,16 +24,35 @@ import numpy as np
 import numpy.typing as npt
 
 from embedd import metrics
+from embedd.books import Books
 from embedd.budget import record_dedup
+from embedd.config import Settings
 from embedd.crashpoints import crash_point, fault_point
 from embedd.errors import InputRejected
-from embedd.intake import refuse
 from embedd.ledger import format_ts
 from embedd.outbox import RowStream, finish_input, write_result
 from embedd.prices import lane_cost
-from embedd.runtime import Runtime
-from embedd.store import piece_vectors
+from embedd.refusal import refuse
+from embedd.spool import SpoolPaths
+from embedd.store import Store, piece_vectors
+from embedd.supervise import Supervisor
 from embedd.tokens import combine_chunks
+from embedd.wakeups import Wakeups
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What the delivery stage uses."""
+
+    settings: Settings
+    paths: SpoolPaths
+    store: Store
+    clock: Callable[[], float]
+    log: Any
+    wake: Wakeups
+    guard: Supervisor
+    stopping: asyncio.Event
+    books: Books
 
 
 def rfc3339(ts: float) -> str:
@@ -40,13 +60,13 @@ def rfc3339(ts: float) -> str:
     return format_ts(datetime.fromtimestamp(ts, UTC))
 
 
-async def deliver_loop(rt: Runtime) -> None:
+async def deliver_loop(rt: Delivery) -> None:
     while not rt.stopping.is_set():
         await deliver_ready(rt)
         await rt.wake.wait("deliver", 2.0)
 
 
-async def deliver_ready(rt: Runtime) -> int:
+async def deliver_ready(rt: Delivery) -> int:
     """Deliver every file that is complete; return how many."""
     delivered = 0
     for row in await rt.store.ready_files():
@@ -62,13 +82,22 @@ async def deliver_ready(rt: Runtime) -> int:
     return delivered
 
 
-async def _give_up(rt: Runtime, row: Any, reason: str) -> None:
+async def _give_up(rt: Delivery, row: Any, reason: str) -> None:
     """A delivery that failed for good (SPEC §8): the input goes to failed/."""
     job, name = row["job"], row["name"]
-    await refuse(rt, job, name, rt.paths.work / job, InputRejected(reason), row["sha256"])
+    await refuse(
+        rt.store,
+        rt.paths,
+        rt.log,
+        job,
+        name,
+        rt.paths.work / job,
+        InputRejected(reason),
+        row["sha256"],
+    )
 
 
-async def deliver(rt: Runtime, row: Any) -> None:
+async def deliver(rt: Delivery, row: Any) -> None:
     job, name = row["job"], row["name"]
     work = rt.paths.work / job
     if row["state"] == "queued":
@@ -85,7 +114,16 @@ async def deliver(rt: Runtime, row: Any) -> None:
             f"{name}: {len(errors)} of {len(records)} record(s) could not be embedded; "
             f"first: {errors[0]['id']!r}: {errors[0]['error']}"
         )
-        await refuse(rt, job, name, work, InputRejected(reason, records=errors), row["sha256"])
+        await refuse(
+            rt.store,
+            rt.paths,
+            rt.log,
+            job,
+            name,
+            work,
+            InputRejected(reason, records=errors),
+            row["sha256"],
+        )
         return
     chunks = [0] * len(records)
     for p in pieces:
@@ -104,11 +142,11 @@ async def deliver(rt: Runtime, row: Any) -> None:
         "model": s.openai_model,
         "dimensions": s.openai_dimensions,
         "mode": row["lane"],
-        "emulated": rt.emulated,
+        "emulated": rt.books.emulated,
         "records": [_record_entry(r, chunks[i]) for i, r in enumerate(records)],
         "tokens": sum(r["tokens"] for r in records),
         "cost_usd": lane_cost(
-            rt.prices, s.openai_model, billed, row["lane"]
+            rt.books.prices, s.openai_model, billed, row["lane"]
         ),  # Decimal: written exactly
         "batches": sorted(origins),
         "submitted_at": rfc3339(row["claimed_at"]),
@@ -119,7 +157,7 @@ async def deliver(rt: Runtime, row: Any) -> None:
     await asyncio.to_thread(finish_input, rt.paths, work, name, job, s.spool_keep_inputs)
     dedup = sum(r["tokens"] for r in records if r["cached"])
     if dedup:
-        await record_dedup(rt, job, row["lane"], dedup)
+        await record_dedup(rt.books, job, row["lane"], dedup)
     await rt.store.move_file(job, "done", completed_at=rt.clock(), result=str(path))
     rt.log.info("file.done", file=name, job=job, result=path.name, records=len(records))
     cached = sum(1 for r in records if r["cached"])
@@ -131,7 +169,7 @@ async def deliver(rt: Runtime, row: Any) -> None:
 
 
 def _write_result(
-    rt: Runtime, name: str, job: str, rows: RowStream, manifest: dict[str, Any]
+    rt: Delivery, name: str, job: str, rows: RowStream, manifest: dict[str, Any]
 ) -> Path:
     fault_point("outbox_enospc")
     return write_result(rt.paths, name, job, rows, manifest)

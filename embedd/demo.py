@@ -67,18 +67,18 @@ def run_demo(workdir: Path) -> int:
     print(f"embedd demo: spool {spool}", file=sys.stderr)
 
     from embedd.daemon import run_daemon
-    from embedd.runtime import Runtime
     from embedd.spool import SpoolPaths
+    from embedd.wakeups import Wakeups
 
     paths = SpoolPaths.from_root(spool, None)
     paths.ensure()
 
-    async def drop_samples(rt: Runtime) -> None:
+    async def drop_samples(wake: Wakeups) -> None:
         for name, data in _sample_files().items():
             tmp = paths.tmp / f".{name}.tmp"
             tmp.write_bytes(data)
             os.rename(tmp, paths.inbox / name)
-        rt.wake.kick("scan")
+        wake.kick("scan")
 
     code = asyncio.run(
         run_daemon(settings, "sk-emulated-demo", until_idle=True, on_ready=drop_samples)

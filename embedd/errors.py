@@ -1,16 +1,33 @@
-"""The errors embedd raises, sorted by what happens next.
+"""The errors embedd raises, sorted by what happens next. The one drawing of the tree:
+classes defined elsewhere name their module in brackets.
 
     EmbeddError
-    ├── ConfigError            bad config, missing key: exit 78, systemd does not restart
-    ├── InputRejected          the input file goes to failed/ with this reason
-    ├── TransientError         retry later, with backoff
-    │   ├── APITransientError  429 rate limit, 5xx, dropped connection, truncated body
-    │   ├── BreakerOpen        the circuit breaker holds every call for now
-    │   └── OutcomeUnknown     the request left, the answer did not: reconcile first
-    ├── APIPermanentError      the API refused this request for good (400, 404, 422)
-    ├── SubmissionPaused       401, 403, insufficient_quota, budget: stop submitting,
-    │                          keep every file, say why in the log and `embedd status`
-    └── FatalError             local state is broken: crash, systemd restarts us
+    ├── ConfigError               bad config, missing key: exit 78, systemd does not restart
+    ├── InputRejected             the input file goes to failed/ with this reason
+    ├── MalformedLine [batchlines]  an output line we cannot read: its request is missing
+    ├── TransientError            retry later, with backoff (the stage's own loop)
+    │   ├── APITransientError *   429 rate limit, 5xx, dropped connection, truncated body
+    │   ├── BreakerOpen           the circuit breaker holds every call for now
+    │   └── OutcomeUnknown        the request left, the answer did not: reconcile first
+    │       └── CreateOutcomeUnknown [api] *  a batch create: the shard becomes `unknown`
+    ├── APIError                  the API answered with an error (status, code, retry_after)
+    │   ├── APITransientError *   (also a TransientError, above)
+    │   ├── APIPermanentError     the API refused this request for good (400, 404, 422)
+    │   └── SubmissionPaused      401, 403, insufficient_quota: the submission gate
+    │                             (embedd.gate) pauses; every file is kept, the reason
+    │                             shows in the log and `embedd status`
+    ├── FatalError                local state is broken: crash, systemd restarts us
+    │   ├── LedgerCorrupt [ledger]  ledger.jsonl holds a line that is no entry
+    │   └── UnsafeName [spool]      a file name would escape its folder (a bug)
+    └── ApiError [emulator.errors]  the emulator's own error answers (never in the daemon)
+
+    * two parents: CreateOutcomeUnknown is an OutcomeUnknown and an APITransientError.
+
+Outside the tree, by design: `LedgerWriteError` [ledger] is an OSError (a full disk
+holds the ledger stage, SPEC §8), `BadVector` [batchlines] a ValueError (a bad vector
+in a sync reply: that request is retried), `InjectedFault` [crashpoints] a test hook.
+What each one means to a unit of work — retried, failed alone, or fatal — is decided
+in one place, `embedd.supervise.verdict` (SPEC §8).
 
 Each class's docstring is its default message.
 """

@@ -21,23 +21,26 @@ import functools
 import hashlib
 import os
 import stat
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, cast
 
 import numpy as np
 
-from embedd import metrics
 from embedd.batchlines import request_line_size
+from embedd.config import Settings
 from embedd.crashpoints import crash_point
 from embedd.documents import READ_BYTES, Record, iter_document, prescan
 from embedd.errors import InputRejected
 from embedd.outbox import write_failure
 from embedd.planner import queue_tokens_estimate
-from embedd.runtime import Runtime
-from embedd.spool import Entry, fsync_dir, kind_of, open_input, scan
-from embedd.store import NewRecord, NewRequest, db_text, encode_input, new_id
-from embedd.tokens import PIECE_CHARS, LongPolicy, TokenIds, cut_point, plan_chunks
+from embedd.refusal import MAX_NAME_BYTES, failed_name, refuse
+from embedd.spool import Entry, SpoolPaths, fsync_dir, kind_of, open_input, scan
+from embedd.store import NewRecord, NewRequest, Store, db_text, encode_input, new_id
+from embedd.supervise import Supervisor
+from embedd.tokens import PIECE_CHARS, LongPolicy, TokenIds, Tokenizer, cut_point, plan_chunks
+from embedd.wakeups import Wakeups
 
 _REFUSED_KINDS = {
     "symlink": "it is a symbolic link; embedd never follows links, copy the file instead",
@@ -49,7 +52,21 @@ _REFUSED_KINDS = {
 }
 
 
-MAX_NAME_BYTES = 200
+@dataclass(frozen=True)
+class Intake:
+    """What the intake stage uses. `queue_lock` is shared with retention: a file's
+    requests are queued and the cache is pruned one at a time."""
+
+    settings: Settings
+    paths: SpoolPaths
+    store: Store
+    tokenizer: Tokenizer
+    clock: Callable[[], float]
+    log: Any
+    wake: Wakeups
+    guard: Supervisor
+    stopping: asyncio.Event
+    queue_lock: asyncio.Lock
 
 
 def request_key(model: str, dimensions: int, value: str | list[int]) -> str:
@@ -64,7 +81,7 @@ def request_key(model: str, dimensions: int, value: str | list[int]) -> str:
 CLAIMS_IN_PARALLEL = 2
 
 
-async def scan_and_claim(rt: Runtime) -> int:
+async def scan_and_claim(rt: Intake) -> int:
     """Claim everything the inbox holds now; return how many entries were claimed.
 
     Each claim is independent (its own job row, rename and transactions), so a few
@@ -89,7 +106,7 @@ async def scan_and_claim(rt: Runtime) -> int:
     return claimed
 
 
-async def claim(rt: Runtime, entry: Entry) -> bool:
+async def claim(rt: Intake, entry: Entry) -> bool:
     """Claim one inbox entry and process it, each step a supervised unit (SPEC §8);
     False if it vanished before we could claim it, or the claim itself failed."""
     jobs: list[str] = []
@@ -108,7 +125,7 @@ async def claim(rt: Runtime, entry: Entry) -> bool:
     return True
 
 
-async def _take(rt: Runtime, entry: Entry) -> str:
+async def _take(rt: Intake, entry: Entry) -> str:
     """Record the claim, then move `inbox/NAME` to `work/JOB`; the job, or "" if gone."""
     job = new_id("job")
     await rt.store.begin_claim(job, db_text(entry.name), entry.lane, rt.clock())
@@ -128,7 +145,7 @@ async def _take(rt: Runtime, entry: Entry) -> str:
     return job
 
 
-async def _refuse_entry(rt: Runtime, entry: Entry, reason: str) -> None:
+async def _refuse_entry(rt: Intake, entry: Entry, reason: str) -> None:
     """An inbox entry that could not even be claimed, for good: into failed/."""
     job = new_id("job")
     error: dict[str, Any] = {
@@ -138,12 +155,12 @@ async def _refuse_entry(rt: Runtime, entry: Entry, reason: str) -> None:
         "reason": reason,
         "records": [],
     }
-    name = _failed_name(entry.name)
+    name = failed_name(entry.name)
     await asyncio.to_thread(write_failure, rt.paths, entry.path, name, job, error)
     rt.log.warning("file.failed", file=entry.name, job=job, reason=reason)
 
 
-async def resume_claims(rt: Runtime) -> None:
+async def resume_claims(rt: Intake) -> None:
     """Finish claims a crash (or a failed try) interrupted: files still `claiming`."""
     for row in await rt.store.files_in("claiming"):
         if rt.stopping.is_set():
@@ -151,7 +168,7 @@ async def resume_claims(rt: Runtime) -> None:
         await _supervised(rt, row["job"], row["name"], row["lane"], resume=True)
 
 
-async def _supervised(rt: Runtime, job: str, name: str, lane: str, *, resume: bool) -> None:
+async def _supervised(rt: Intake, job: str, name: str, lane: str, *, resume: bool) -> None:
     """Process `work/JOB` as one supervised unit; a unit given up goes to failed/."""
 
     async def work() -> None:
@@ -160,12 +177,14 @@ async def _supervised(rt: Runtime, job: str, name: str, lane: str, *, resume: bo
         await process_claimed(rt, job, name, lane)
 
     async def give_up(reason: str) -> None:
-        await refuse(rt, job, name, rt.paths.work / job, InputRejected(reason), None)
+        await refuse(
+            rt.store, rt.paths, rt.log, job, name, rt.paths.work / job, InputRejected(reason), None
+        )
 
     await rt.guard.run("intake", f"job:{job}", work, give_up)
 
 
-async def _resume_one(rt: Runtime, job: str, name: str, lane: str) -> bool:
+async def _resume_one(rt: Intake, job: str, name: str, lane: str) -> bool:
     work = rt.paths.work / job
     if not os.path.lexists(work):
         origin = (rt.paths.inbox_sync if lane == "sync" else rt.paths.inbox) / name
@@ -179,7 +198,7 @@ async def _resume_one(rt: Runtime, job: str, name: str, lane: str) -> bool:
     return True
 
 
-async def process_claimed(rt: Runtime, job: str, name: str, lane: str) -> None:
+async def process_claimed(rt: Intake, job: str, name: str, lane: str) -> None:
     """Read, parse and queue `work/JOB`, or refuse it into failed/."""
     work = rt.paths.work / job
     sha256: str | None = None
@@ -226,7 +245,7 @@ async def process_claimed(rt: Runtime, job: str, name: str, lane: str) -> None:
             del batches
     except InputRejected as exc:
         await rt.store.clear_claim(job)
-        await refuse(rt, job, name, work, exc, sha256)
+        await refuse(rt.store, rt.paths, rt.log, job, name, work, exc, sha256)
         return
     # Claims run side by side, but "which texts are already known" and queueing this
     # file's requests happen as one step, so a text shared by two files dropped together
@@ -243,40 +262,6 @@ async def process_claimed(rt: Runtime, job: str, name: str, lane: str) -> None:
     rt.log.info(
         "file.queued", file=name, job=job, lane=lane, records=count, tokens=tokens, cached=cached
     )
-
-
-async def refuse(
-    rt: Runtime, job: str, name: str, work: Path, exc: InputRejected, sha256: str | None
-) -> None:
-    error: dict[str, Any] = {
-        "source": name,
-        "sha256": sha256,
-        "job": job,
-        "reason": exc.message,
-        "records": exc.records,
-    }
-    stored = _failed_name(name)
-    target = await asyncio.to_thread(write_failure, rt.paths, work, stored, job, error)
-    await rt.store.move_file(
-        job, "failed", reason=db_text(exc.message), result=db_text(str(target))
-    )
-    rt.log.warning("file.failed", file=name, job=job, reason=exc.message)
-    metrics.file_finished(await _lane_of(rt, job), "failed", {"failed": len(exc.records)})
-
-
-async def _lane_of(rt: Runtime, job: str) -> str:
-    row = await rt.store.file(job)
-    return str(row["lane"]) if row is not None else "batch"
-
-
-def _failed_name(name: str) -> str:
-    """The name an input gets in failed/: its own, or — when `NAME~JOB-9.error.json`
-    would not fit in 255 bytes — a shortened one (the original is in the error file)."""
-    raw = name.encode("utf-8", "surrogateescape")
-    if len(raw) <= MAX_NAME_BYTES:
-        return name
-    digest = hashlib.sha256(raw).hexdigest()[:8]
-    return f"{raw[:120].decode('utf-8', 'surrogateescape')}…{digest}"
 
 
 def _hash_file(f: IO[bytes], name: str, max_bytes: int) -> tuple[int, str]:
@@ -315,7 +300,7 @@ def _batches(records: Iterable[Record], limit: int = BATCH_CHARS) -> Iterator[li
 
 
 def _whole_text(
-    rt: Runtime, name: str, f: IO[bytes], size: int
+    rt: Intake, name: str, f: IO[bytes], size: int
 ) -> Iterator[tuple[Record, TokenIds]]:
     """A big text file (one record) tokenized straight from the file, a piece at a
     time: neither its bytes nor its text ever exist whole (as one string a non-Latin
@@ -364,7 +349,7 @@ def _whole_text(
     yield Record(name, "", None, None), tokens
 
 
-def _tokenized(rt: Runtime, batch: Sequence[Record]) -> Iterator[tuple[Record, TokenIds]]:
+def _tokenized(rt: Intake, batch: Sequence[Record]) -> Iterator[tuple[Record, TokenIds]]:
     """Each record with its token ids; a long text's as a compact uint32 array."""
     limit = rt.settings.inputs_max_tokens
     for part in _batches(batch, TOKENIZE_CHARS):
@@ -380,7 +365,7 @@ def _tokenized(rt: Runtime, batch: Sequence[Record]) -> Iterator[tuple[Record, T
 
 
 def _prepared_batches(
-    rt: Runtime, name: str, f: IO[bytes], size: int
+    rt: Intake, name: str, f: IO[bytes], size: int
 ) -> Iterator[tuple[list[NewRecord], list[NewRequest]]]:
     """Parse, tokenize and key the file's records a batch at a time (CPU work: each
     step runs in a worker thread). Raises InputRejected when the file is refused;

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,8 +27,10 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from embedd import metrics
-from embedd.runtime import Runtime
+from embedd.api import OpenAIClient
+from embedd.gate import SubmissionGate
 from embedd.states import REQUEST_OPEN, SHARD_IN_FLIGHT
+from embedd.store import Store
 from embedd.vectors import cache_bytes
 
 # Requests still waiting in the queue: not yet in a batch, or in one in flight.
@@ -110,7 +112,18 @@ def folder_bytes(folder: Path) -> int:
     return total
 
 
-async def read_snapshot(rt: Runtime) -> StateSnapshot:
+@dataclass(frozen=True)
+class Sources:
+    """What `/metrics` reads at scrape time."""
+
+    store: Store
+    client: OpenAIClient
+    gate: SubmissionGate
+    state_dir: Path
+    clock: Callable[[], float]
+
+
+async def read_snapshot(rt: Sources) -> StateSnapshot:
     """Read the scrape-time gauges from the state database and the state folder."""
     counts = await rt.store.counts()
     batches: dict[str, int] = {}
@@ -119,21 +132,21 @@ async def read_snapshot(rt: Runtime) -> StateSnapshot:
         batches[status] = batches.get(status, 0) + 1
     pending = [await rt.store.oldest_pending(lane) for lane in ("batch", "sync")]
     oldest = min((t for t in pending if t is not None), default=None)
-    state_dir = rt.paths.state_dir
+    state_dir = rt.state_dir
     state_bytes = await asyncio.to_thread(folder_bytes, state_dir)
     dedup = await asyncio.to_thread(cache_bytes, state_dir / "vectors")
     return StateSnapshot(
         requests=counts["requests"],
         batches=batches,
         tokens_in_flight=await rt.store.queue_tokens_in_flight(),
-        tokens_limit=rt.queue_limit,
+        tokens_limit=rt.gate.queue_limit,
         oldest_pending_age=0.0 if oldest is None else max(0.0, rt.clock() - oldest),
         state_bytes=state_bytes,
         dedup_cache_bytes=dedup,
     )
 
 
-async def refresh_live_gauges(rt: Runtime) -> None:
+async def refresh_live_gauges(rt: Sources) -> None:
     """Gauges of in-process state, brought up to date at scrape time: the breaker
     (its open state lapses into half-open with time, not with an event) and the
     submission pause (the API's auth/quota pause, and a budget hold)."""
@@ -141,7 +154,8 @@ async def refresh_live_gauges(rt: Runtime) -> None:
     metrics.BREAKER_OPEN.set(breaker["state"] == "open")
     budget = (await rt.store.facts()).get("budget")
     held = isinstance(budget, dict) and budget.get("held_by") is not None
-    api_pause = metrics.pause_kind(rt.paused_reason) if rt.paused_reason else None
+    why = rt.gate.paused_reason
+    api_pause = metrics.pause_kind(why) if why else None
     for reason in metrics.PAUSE_REASONS:
         paused = held if reason == "budget" else api_pause == reason
         metrics.SUBMISSION_PAUSED.labels(reason=reason).set(paused)
@@ -174,8 +188,8 @@ def parse_listen(listen: str) -> tuple[str, int]:
 class MetricsServer:
     """The `/metrics` endpoint of one running daemon."""
 
-    def __init__(self, rt: Runtime) -> None:
-        self._rt = rt
+    def __init__(self, sources: Sources) -> None:
+        self._rt = sources
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
         self._runner = web.AppRunner(app, access_log=None)

@@ -16,10 +16,31 @@ only runs them on a schedule.
 
 from __future__ import annotations
 
-from embedd.runtime import Runtime
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from embedd.config import Settings
+from embedd.store import Store
 from embedd.vectors import SEGMENT_BYTES
+from embedd.wakeups import Wakeups
 
 INTERVAL = 60.0
+
+
+@dataclass(frozen=True)
+class Retention:
+    """What retention uses. `queue_lock` is intake's: pruning the cache never runs
+    while a file's requests are being queued against it."""
+
+    settings: Settings
+    store: Store
+    clock: Callable[[], float]
+    log: Any
+    wake: Wakeups
+    stopping: asyncio.Event
+    queue_lock: asyncio.Lock
 
 
 def segment_bytes(max_bytes: int) -> int:
@@ -28,7 +49,7 @@ def segment_bytes(max_bytes: int) -> int:
     return max(4096, min(SEGMENT_BYTES, max_bytes // 8))
 
 
-async def retention_loop(rt: Runtime) -> None:
+async def retention_loop(rt: Retention) -> None:
     """A full pass every INTERVAL; on a kick between them, the cheap part."""
     last_full = float("-inf")
     while not rt.stopping.is_set():
@@ -39,7 +60,7 @@ async def retention_loop(rt: Runtime) -> None:
         await rt.wake.wait("retain", INTERVAL)
 
 
-async def retain_once(rt: Runtime, *, full: bool = True) -> None:
+async def retain_once(rt: Retention, *, full: bool = True) -> None:
     s = rt.settings
     now = rt.clock()
     # Under the queue lock: a claim that found a text cached queues its file before

@@ -35,6 +35,7 @@ import numpy.typing as npt
 
 from embedd.crashpoints import fault_point
 from embedd.errors import FatalError
+from embedd.outcome import RequestVerdict
 from embedd.states import (
     FILE_ACTIVE,
     FILE_FINISHED,
@@ -1118,40 +1119,41 @@ class Store:
         vectors stay); otherwise it was never submitted and the caller abandons it."""
         keys = await self.shard_keys(shard)
         await self.apply_results(
+            RequestVerdict(fail=tuple((k, reason) for k in keys)),
             shard=shard if collected else None,
-            vectors=[],
-            origin="",
-            retry=[],
-            fail=[(k, reason) for k in keys],
-            requeue=[],
             max_retries=max_retries,
-            ledger=None,
             now=now,
         )
 
     async def apply_results(
         self,
+        verdict: RequestVerdict,
         *,
-        shard: str | None,
-        vectors: Sequence[tuple[str, VectorLike, int | None]],
-        origin: str,
-        retry: Sequence[tuple[str, str]],
-        fail: Sequence[tuple[str, str]],
-        requeue: Sequence[str],
         max_retries: int,
-        ledger: tuple[str, str, str, str] | None,
         now: float,
+        shard: str | None = None,
+        origin: str = "",
+        vectors: Sequence[tuple[str, VectorLike, int | None]] = (),
+        ledger: tuple[str, str, str, str] | None = None,
     ) -> None:
         """Apply one collected batch (or one sync call) in a single transaction.
 
-        `vectors`: (key, float32 bytes, tokens); `retry`: (key, error) counted against
-        `max_retries`; `fail`: (key, error) for good; `requeue`: keys sent back to
-        pending at no cost to their retry count; `ledger`: (id, ts, kind, json line).
+        `verdict`: its requests to retry (counted against `max_retries`), fail for good
+        or requeue (embedd.outcome); `shard`: closed as collected; `vectors`: (key,
+        float32 bytes, tokens) stored with `origin`; `ledger`: (id, ts, kind, json line).
         """
         async with self._vector_lock:
             located = await self._write_segments(vectors)
             await self._apply_results(
-                located, shard, origin, retry, fail, requeue, max_retries, ledger, now
+                located,
+                shard,
+                origin,
+                verdict.retry,
+                verdict.fail,
+                verdict.requeue,
+                max_retries,
+                ledger,
+                now,
             )
 
     async def _apply_results(

@@ -24,12 +24,16 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from embedd.api import CreateOutcomeUnknown
+from embedd.api import CreateOutcomeUnknown, OpenAIClient
 from embedd.batchlines import encode_request_line
+from embedd.books import Books
 from embedd.budget import submission_allowed
+from embedd.config import Settings
 from embedd.crashpoints import crash_point
 from embedd.errors import (
     APIPermanentError,
@@ -37,14 +41,33 @@ from embedd.errors import (
     SubmissionPaused,
     TransientError,
 )
+from embedd.gate import SubmissionGate
 from embedd.planner import ShardLimits, cut_shard, should_submit
-from embedd.runtime import Runtime
-from embedd.spool import fsync_dir
+from embedd.spool import SpoolPaths, fsync_dir
 from embedd.states import BATCH_TERMINAL, SHARD_FINISHED, SHARD_UNSUBMITTED, SHARD_UPLOADED
-from embedd.store import new_id, request_inputs
+from embedd.store import Store, new_id, request_inputs
+from embedd.supervise import Supervisor
+from embedd.wakeups import Wakeups
 
 METADATA_KEY = "embedd_shard"
 UPLOAD_PREFIX = "embedd-"
+
+
+@dataclass(frozen=True)
+class Submitter:
+    """What the submission stage uses (reconcile at start, then `submit_loop`)."""
+
+    settings: Settings
+    paths: SpoolPaths
+    store: Store
+    client: OpenAIClient
+    clock: Callable[[], float]
+    log: Any
+    wake: Wakeups
+    guard: Supervisor
+    stopping: asyncio.Event
+    gate: SubmissionGate
+    books: Books
 
 
 def upload_name(shard: str) -> str:
@@ -57,11 +80,11 @@ def shard_of_upload(filename: str) -> str | None:
     return None
 
 
-def shards_dir(rt: Runtime) -> Path:
+def shards_dir(rt: Submitter) -> Path:
     return rt.paths.state_dir / "shards"
 
 
-async def reconcile(rt: Runtime) -> None:
+async def reconcile(rt: Submitter) -> None:
     """Match our shards with every batch and file at OpenAI (every page, no cut-off).
 
     Runs at start before anything is submitted, and whenever a shard is `unknown`.
@@ -110,7 +133,7 @@ async def reconcile(rt: Runtime) -> None:
 
 
 async def _reconcile_files(
-    rt: Runtime, found: dict[str, list[dict[str, Any]]], rows: dict[str, Any]
+    rt: Submitter, found: dict[str, list[dict[str, Any]]], rows: dict[str, Any]
 ) -> None:
     """Uploads a planned shard can use; leftovers of ours to delete (recorded, retried)."""
     files: dict[str, dict[str, Any]] = {}
@@ -153,7 +176,7 @@ async def _reconcile_files(
         rt.log.info("files.leftovers_found", files=len(leftovers))
 
 
-async def _stray(rt: Runtime, shard: str, batch: dict[str, Any]) -> None:
+async def _stray(rt: Submitter, shard: str, batch: dict[str, Any]) -> None:
     """A second batch for a shard that has one: cancel it if it runs; bill it later."""
     batch_id = str(batch.get("id"))
     if not await rt.store.add_stray(batch_id, shard, batch.get("status"), rt.clock()):
@@ -166,7 +189,7 @@ async def _stray(rt: Runtime, shard: str, batch: dict[str, Any]) -> None:
             rt.log.warning("batch.duplicate_cancel_failed", batch=batch_id, error=exc.message)
 
 
-async def settle_unknown(rt: Runtime) -> None:
+async def settle_unknown(rt: Submitter) -> None:
     """Look up `unknown` shards whose lookup is due; back off when the lookup fails."""
     now = rt.clock()
     unknown = await rt.store.shards_in("unknown")
@@ -182,58 +205,34 @@ async def settle_unknown(rt: Runtime) -> None:
         rt.log.warning("shard.lookup_failed", shards=len(unknown), error=exc.message)
 
 
-async def submit_loop(rt: Runtime) -> None:
+async def submit_loop(rt: Submitter) -> None:
     """Keep cutting and submitting shards until the daemon stops."""
     while not rt.stopping.is_set():
         try:
             # Cutting shards is the stage's own step: supervised, but no input's unit.
             await rt.guard.run("submit", "plan", functools.partial(submit_once, rt), record=False)
         except SubmissionPaused as exc:
-            await pause(rt, exc.message)
+            await rt.gate.pause(exc.message)
         except TransientError as exc:
             rt.log.warning("submit.retry_later", error=exc.message)
         await rt.wake.wait("plan", 1.0)
 
 
-async def pause(rt: Runtime, reason: str) -> None:
-    """Stop submitting for a while; files are kept, the reason shows in status."""
-    if rt.paused_reason != reason:
-        rt.log.error("submission.paused", reason=reason)
-    rt.paused_reason = reason
-    rt.paused_until = rt.clock() + max(60.0, rt.settings.breaker_cooldown)
-    await rt.store.set_fact("paused", {"reason": reason, "until": rt.paused_until})
-
-
-async def unpause(rt: Runtime) -> None:
-    if rt.paused_reason is not None:
-        rt.log.info("submission.resumed", previous_reason=rt.paused_reason)
-        rt.paused_reason = None
-        rt.client.clear_pause()
-        await rt.store.set_fact("paused", None)
-
-
-def may_submit(rt: Runtime) -> bool:
-    now = rt.clock()
-    if rt.paused_reason is not None and now < rt.paused_until:
-        return False
-    return now >= rt.queue_backoff_until
-
-
-async def submit_once(rt: Runtime) -> None:
+async def submit_once(rt: Submitter) -> None:
     """Finish shards already planned, then cut and submit new ones while they are due."""
     await settle_unknown(rt)
-    if not may_submit(rt):
+    if not rt.gate.may_submit():
         return
     for row in await rt.store.shards_in("planned", "uploaded"):
         await _advance_supervised(rt, row["id"])
-    while not rt.stopping.is_set() and may_submit(rt):
+    while not rt.stopping.is_set() and rt.gate.may_submit():
         shard = await plan_one(rt)
         if shard is None:
             return
         await _advance_supervised(rt, shard)
 
 
-async def _advance_supervised(rt: Runtime, shard: str) -> None:
+async def _advance_supervised(rt: Submitter, shard: str) -> None:
     """`advance` as a supervised unit (SPEC §8): given up, its requests fail for good."""
 
     async def give_up(reason: str) -> None:
@@ -242,7 +241,7 @@ async def _advance_supervised(rt: Runtime, shard: str) -> None:
     await rt.guard.run("submit", f"shard:{shard}", functools.partial(advance, rt, shard), give_up)
 
 
-async def abandon_shard(rt: Runtime, shard: str, reason: str) -> None:
+async def abandon_shard(rt: Submitter, shard: str, reason: str) -> None:
     """Fail a shard that was never submitted: its requests fail for good with `reason`."""
     await rt.store.fail_shard_requests(
         shard, reason, collected=False, max_retries=rt.settings.retry_max_retries, now=rt.clock()
@@ -251,19 +250,19 @@ async def abandon_shard(rt: Runtime, shard: str, reason: str) -> None:
     rt.wake.kick("deliver")
 
 
-async def plan_one(rt: Runtime) -> str | None:
+async def plan_one(rt: Submitter) -> str | None:
     """Cut one shard if one is due, write its file and record it; return its id."""
     s = rt.settings
-    headroom = rt.queue_limit - await rt.store.queue_tokens_in_flight()
+    headroom = rt.gate.queue_limit - await rt.store.queue_tokens_in_flight()
     if headroom <= 0:
         return None
     pending = await rt.store.pending("batch", s.batch_max_lines, inputs=False)
-    limits = ShardLimits(s.batch_max_lines, s.batch_max_bytes, rt.queue_limit)
+    limits = ShardLimits(s.batch_max_lines, s.batch_max_bytes, rt.gate.queue_limit)
     cut = cut_shard(pending, limits, headroom)
     oldest = await rt.store.oldest_pending("batch")
     if not should_submit(cut, oldest, rt.clock(), s.batch_flush_after):
         return None
-    if not await submission_allowed(rt, cut.tokens, "batch"):
+    if not await submission_allowed(rt.books, cut.tokens, "batch"):
         return None
     shard = new_id("shard")
     chosen = {k for k in cut.keys}
@@ -289,7 +288,7 @@ async def plan_one(rt: Runtime) -> str | None:
     return shard
 
 
-def _write_shard(rt: Runtime, path: Path, keys: list[str]) -> None:
+def _write_shard(rt: Submitter, path: Path, keys: list[str]) -> None:
     s = rt.settings
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".part")
@@ -303,7 +302,7 @@ def _write_shard(rt: Runtime, path: Path, keys: list[str]) -> None:
     fsync_dir(path.parent)
 
 
-async def advance(rt: Runtime, shard: str) -> None:
+async def advance(rt: Submitter, shard: str) -> None:
     """Move one shard from planned or uploaded to submitted."""
     rows = [r for r in await rt.store.shards_in("planned", "uploaded") if r["id"] == shard]
     if not rows:
@@ -344,11 +343,11 @@ async def advance(rt: Runtime, shard: str) -> None:
         path.unlink(missing_ok=True)
         return
     await _record_submitted(rt, shard, batch)
-    await unpause(rt)
+    await rt.gate.resume()
     rt.wake.kick("poll")
 
 
-async def _record_submitted(rt: Runtime, shard: str, batch: dict[str, Any]) -> None:
+async def _record_submitted(rt: Submitter, shard: str, batch: dict[str, Any]) -> None:
     await rt.store.move_shard(
         shard,
         "submitted",

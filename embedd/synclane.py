@@ -18,27 +18,49 @@ import asyncio
 import contextlib
 import functools
 import hashlib
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
+from embedd.api import OpenAIClient
 from embedd.batchlines import BadVector, decode_embedding
+from embedd.books import Books
 from embedd.budget import entry_maker, flush_ledger, submission_allowed
+from embedd.config import Settings
 from embedd.errors import APIPermanentError, SubmissionPaused, TransientError
+from embedd.gate import SubmissionGate
 from embedd.ledger import entry_row
+from embedd.outcome import RequestVerdict
 from embedd.planner import pack_sync
-from embedd.runtime import Runtime
-from embedd.store import Pending, new_id
-from embedd.submitter import pause
+from embedd.store import Pending, Store, new_id
+from embedd.supervise import Supervisor
+from embedd.wakeups import Wakeups
 
 CONCURRENCY = 8
 
 
-async def sync_loop(rt: Runtime) -> None:
+@dataclass(frozen=True)
+class SyncLane:
+    """What the sync lane uses."""
+
+    settings: Settings
+    store: Store
+    client: OpenAIClient
+    clock: Callable[[], float]
+    log: Any
+    wake: Wakeups
+    guard: Supervisor
+    stopping: asyncio.Event
+    gate: SubmissionGate
+    books: Books
+
+
+async def sync_loop(rt: SyncLane) -> None:
     in_flight: set[str] = set()
     slots = asyncio.Semaphore(CONCURRENCY)
     async with asyncio.TaskGroup() as tg:
         while not rt.stopping.is_set():
-            if rt.paused_reason is None or rt.clock() >= rt.paused_until:
+            if not rt.gate.paused():
                 pending = [
                     p
                     for p in await rt.store.pending("sync", 20 * rt.settings.sync_max_inputs)
@@ -50,7 +72,7 @@ async def sync_loop(rt: Runtime) -> None:
                 )
                 for group in groups:
                     tokens = sum(by_key[k].tokens for k in group)
-                    if not await submission_allowed(rt, tokens, "sync"):
+                    if not await submission_allowed(rt.books, tokens, "sync"):
                         break
                     await slots.acquire()
                     if rt.stopping.is_set():
@@ -62,7 +84,7 @@ async def sync_loop(rt: Runtime) -> None:
 
 
 async def _run(
-    rt: Runtime, group: list[Pending], in_flight: set[str], slots: asyncio.Semaphore
+    rt: SyncLane, group: list[Pending], in_flight: set[str], slots: asyncio.Semaphore
 ) -> None:
     try:
         await rt.guard.run(
@@ -72,7 +94,7 @@ async def _run(
             functools.partial(_give_up, rt, group),
         )
     except SubmissionPaused as exc:
-        await pause(rt, exc.message)
+        await rt.gate.pause(exc.message)
     except TransientError as exc:
         rt.log.warning("sync.retry_later", inputs=len(group), error=exc.message)
     finally:
@@ -89,13 +111,13 @@ def _unit_of(group: list[Pending]) -> str:
     return h.hexdigest()[:16]
 
 
-async def _give_up(rt: Runtime, group: list[Pending], reason: str) -> None:
+async def _give_up(rt: SyncLane, group: list[Pending], reason: str) -> None:
     """A sync call that failed for good (SPEC §8): its requests fail with `reason`."""
     for p in group:
         await _settle(rt, p, reason)
 
 
-async def _finish_on_stop(rt: Runtime, work: Coroutine[Any, Any, None]) -> None:
+async def _finish_on_stop(rt: SyncLane, work: Coroutine[Any, Any, None]) -> None:
     """Run `work`; when the daemon stops meanwhile, let it finish (the API may have
     billed the call already, and its answer and ledger line are stored) within most
     of `[daemon] stop_timeout`, then give up on it."""
@@ -113,7 +135,7 @@ async def _finish_on_stop(rt: Runtime, work: Coroutine[Any, Any, None]) -> None:
         raise
 
 
-async def call(rt: Runtime, group: list[Pending]) -> None:
+async def call(rt: SyncLane, group: list[Pending]) -> None:
     """One `/v1/embeddings` call for `group`, split on a permanent refusal."""
     s = rt.settings
     inputs = [p.input for p in group]
@@ -148,7 +170,7 @@ async def call(rt: Runtime, group: list[Pending]) -> None:
     usage = reply.get("usage") or {}
     tokens = int(usage.get("prompt_tokens") or usage.get("total_tokens") or 0)
     call_id = new_id("sync")
-    entry = entry_maker(rt).usage(
+    entry = entry_maker(rt.books).usage(
         "sync",
         batch_id=call_id,
         requests=len(vectors),
@@ -156,30 +178,21 @@ async def call(rt: Runtime, group: list[Pending]) -> None:
         estimated_tokens=sum(p.tokens for p in group),
     )
     await rt.store.apply_results(
-        shard=None,
+        RequestVerdict(retry=tuple(retry)),
         vectors=vectors,
         origin=call_id,
-        retry=retry,
-        fail=[],
-        requeue=[],
-        max_retries=s.retry_max_retries,
         ledger=entry_row(entry),
+        max_retries=s.retry_max_retries,
         now=rt.clock(),
     )
     rt.log.info("sync.embedded", call=call_id, inputs=len(vectors), tokens=tokens)
-    await flush_ledger(rt)
+    await flush_ledger(rt.books)
 
 
-async def _settle(rt: Runtime, req: Pending, error: str) -> None:
+async def _settle(rt: SyncLane, req: Pending, error: str) -> None:
     await rt.store.apply_results(
-        shard=None,
-        vectors=[],
-        origin="",
-        retry=[],
-        fail=[(req.key, error)],
-        requeue=[],
+        RequestVerdict(fail=((req.key, error),)),
         max_retries=rt.settings.retry_max_retries,
-        ledger=None,
         now=rt.clock(),
     )
     rt.log.warning("sync.refused", key=req.key[:12], error=error)

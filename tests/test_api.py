@@ -330,7 +330,8 @@ async def test_400_raises_permanent_with_openai_details(fake: Fake, make_client:
 async def test_auth_and_quota_errors_pause_submission(
     fake: Fake, make_client: Factory, status: int, code: str | None
 ) -> None:
-    """401, 403 and insufficient_quota raise SubmissionPaused and show in the status."""
+    """401, 403 and insufficient_quota raise SubmissionPaused with the API's message,
+    at once (no retry)."""
     server, _ = fake
     client = make_client()
     server.script["list_files"].append(("json", status, error_body("Access denied", code), {}))
@@ -339,9 +340,9 @@ async def test_auth_and_quota_errors_pause_submission(
     assert info.value.status == status
     assert server.count("list_files") == 1
     assert sleeps(client) == []
-    assert "Access denied" in client.status_snapshot()["paused"]
-    client.clear_pause()
-    assert client.status_snapshot()["paused"] is None
+    assert "Access denied" in info.value.message
+    # The pause is the submission gate's (embedd.gate), not the client's to keep.
+    assert "paused" not in client.status_snapshot()
 
 
 async def test_breaker_opens_after_failures_then_sends_nothing(

@@ -1,4 +1,4 @@
-"""Budgets in the running pipeline: a Runtime on a real store, the in-process emulator,
+"""Budgets in the running pipeline: the daemon's own wiring (`daemon.wire`) on a real store, the in-process emulator,
 and an injected wall clock, so a period rollover takes no waiting."""
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from embedd.breaker import Breaker
 from embedd.budget import submission_allowed
 from embedd.collector import poll_once
 from embedd.config import load_settings
+from embedd.daemon import Pipeline, wire
 from embedd.emulator import EmulatorConfig, RunningEmulator, start_emulator
 from embedd.intake import scan_and_claim
 from embedd.ledger import AlertEntry, Ledger, LedgerEntry, read_entries
 from embedd.limiter import Limiter
 from embedd.prices import cost, format_usd
 from embedd.retry import RetryPolicy
-from embedd.runtime import Runtime
 from embedd.spool import SpoolPaths
 from embedd.status import gather, render
 from embedd.store import Store
@@ -71,7 +71,7 @@ class LogRecorder:
 
 @dataclass
 class Rig:
-    rt: Runtime
+    rt: Pipeline
     emulator: RunningEmulator
     clock: Clock
     log: LogRecorder
@@ -89,7 +89,7 @@ class Rig:
         while await self.rt.store.shards_in("submitted", "collecting"):
             assert time.monotonic() < deadline, "batches did not finish"
             self.clock.now += 1
-            await poll_once(self.rt)
+            await poll_once(self.rt.collector)
 
     def ledger(self) -> list[Any]:
         return list(read_entries(self.rt.paths.ledger))
@@ -97,7 +97,7 @@ class Rig:
 
 @contextlib.asynccontextmanager
 async def rig(tmp_path: Path, **budget: object) -> AsyncIterator[Rig]:
-    """A Runtime with the given [budget] keys, its client on an in-process emulator."""
+    """The daemon's stages with the given [budget] keys, the client on an in-process emulator."""
     emulator = await start_emulator(
         EmulatorConfig(validating_s=0.01, in_progress_s=0.01, finalizing_s=0.01)
     )
@@ -131,16 +131,7 @@ async def rig(tmp_path: Path, **budget: object) -> AsyncIterator[Rig]:
         policy=RetryPolicy(0.01, 0.1, 3),
         breaker=Breaker(5, 1.0),
     )
-    rt = Runtime(
-        settings=settings,
-        paths=paths,
-        store=store,
-        client=client,
-        tokenizer=Tokenizer(),
-        ledger=ledger,
-        log=log,
-        clock=clock,
-    )
+    rt = wire(settings, paths, store, client, Tokenizer(), ledger, log=log, clock=clock)
     try:
         yield Rig(rt, emulator, clock, log)
     finally:
@@ -165,19 +156,19 @@ async def test_pause_holds_before_crossing_and_resumes_after_rollover(tmp_path: 
     async with rig(tmp_path, daily_usd=str(limit), action="pause") as r:
         rt = r.rt
         drop(rt.paths.root, "a.txt", TEXT_A.encode())
-        await scan_and_claim(rt)
+        await scan_and_claim(rt.intake)
         r.clock.now += 2  # past flush_after
-        await submit_once(rt)
+        await submit_once(rt.submitter)
         assert await r.batches_created() == 1
 
         # B while A is in flight (not billed yet): A's estimate counts.
         drop(rt.paths.root, "b.txt", TEXT_B.encode())
-        await scan_and_claim(rt)
+        await scan_and_claim(rt.intake)
         r.clock.now += 2
-        await submit_once(rt)
+        await submit_once(rt.submitter)
         assert await r.batches_created() == 1
         await r.collect_all()
-        await submit_once(rt)
+        await submit_once(rt.submitter)
         assert await r.batches_created() == 1, "B went out over the budget"
 
         counts = await rt.store.counts()
@@ -200,7 +191,7 @@ async def test_pause_holds_before_crossing_and_resumes_after_rollover(tmp_path: 
         assert len(r.log.events("budget.crossed")) == 1
 
         r.clock.now = datetime(2030, 3, 15, 0, 0, 1, tzinfo=UTC).timestamp()
-        await submit_once(rt)
+        await submit_once(rt.submitter)
         assert await r.batches_created() == 2, "the held batch did not resume after midnight"
         await r.collect_all()
         assert (await rt.store.facts())["budget"]["held_by"] is None
@@ -218,9 +209,9 @@ async def test_warn_submits_logs_and_records_one_alert_per_period(tmp_path: Path
         rt = r.rt
         for name, text in (("a.txt", TEXT_A), ("b.txt", TEXT_B)):
             drop(rt.paths.root, name, text.encode())
-            await scan_and_claim(rt)
+            await scan_and_claim(rt.intake)
             r.clock.now += 2
-            await submit_once(rt)
+            await submit_once(rt.submitter)
             await r.collect_all()
         assert await r.batches_created() == 2
         alerts = [e for e in r.ledger() if isinstance(e, AlertEntry)]
@@ -242,17 +233,17 @@ async def test_usage_billed_above_the_estimate_raises_the_alert(tmp_path: Path) 
     async with rig(tmp_path, monthly_usd=str(limit), action="pause") as r:
         rt = r.rt
         drop(rt.paths.root, "a.txt", TEXT_A.encode(), sync=True)
-        await scan_and_claim(rt)
+        await scan_and_claim(rt.intake)
         [pending] = await rt.store.pending("sync", 10)
         # The estimate says 1 token: allowed. The API bills the real count.
-        assert await submission_allowed(rt, 1, "sync")
-        await call(rt, [pending])
+        assert await submission_allowed(rt.books, 1, "sync")
+        await call(rt.sync, [pending])
         alerts = [e for e in r.ledger() if isinstance(e, AlertEntry)]
         assert [(e.budget, e.period, e.next_cost_usd) for e in alerts] == [
             ("monthly", "2030-03", Decimal(0))
         ]
         assert alerts[0].spent_usd == usd(tokens, SYNC_PRICE)
-        assert not await submission_allowed(rt, 1, "sync")
+        assert not await submission_allowed(rt.books, 1, "sync")
         assert (await rt.store.facts())["budget"]["paused_until"] == "2030-04-01T00:00:00.000000Z"
 
 
@@ -261,7 +252,7 @@ async def test_no_budget_configured_allows_everything_and_records_nothing(
 ) -> None:
     """Without limits, submission is always allowed and no budget fact is kept."""
     async with rig(tmp_path) as r:
-        assert await submission_allowed(r.rt, 10**12, "batch")
+        assert await submission_allowed(r.rt.books, 10**12, "batch")
         assert "budget" not in await r.rt.store.facts()
 
 

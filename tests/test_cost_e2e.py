@@ -195,9 +195,9 @@ async def test_report_totals_equal_the_ledger_for_every_grouping_and_format(
             r.clock.now = datetime(*day, 12, n, tzinfo=UTC).timestamp()
             text = " ".join(f"report word{k}" for k in range(n + 1))
             drop(rt.paths.root, f"d{n}.txt", text.encode())
-            await scan_and_claim(rt)
+            await scan_and_claim(rt.intake)
             r.clock.now += 2
-            await submit_once(rt)
+            await submit_once(rt.submitter)
             await r.collect_all()
         config = rt.settings.config_path
         assert config is not None

@@ -7,13 +7,14 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from embedd.errors import FatalError
+from embedd.outcome import RequestVerdict
 from embedd.states import (
     FILE_TRANSITIONS,
     REQUEST_TRANSITIONS,
@@ -152,21 +153,19 @@ async def plan(s: Store, shard: str, keys: list[str], qtokens: int = 10) -> None
     )
 
 
-async def apply(s: Store, **changes: Any) -> None:
+async def apply(
+    s: Store,
+    *,
+    retry: Sequence[tuple[str, str]] = (),
+    fail: Sequence[tuple[str, str]] = (),
+    requeue: Sequence[str] = (),
+    **changes: Any,
+) -> None:
     """apply_results with nothing to do except what the test names."""
-    args: dict[str, Any] = {
-        "shard": None,
-        "vectors": [],
-        "origin": "test",
-        "retry": [],
-        "fail": [],
-        "requeue": [],
-        "max_retries": 2,
-        "ledger": None,
-        "now": NOW,
-    }
+    args: dict[str, Any] = {"origin": "test", "max_retries": 2, "now": NOW}
     args.update(changes)
-    await s.apply_results(**args)
+    verdict = RequestVerdict(retry=tuple(retry), fail=tuple(fail), requeue=tuple(requeue))
+    await s.apply_results(verdict, **args)
 
 
 # ---- schema and migrations ------------------------------------------------------------
