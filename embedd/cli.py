@@ -142,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             return _run(settings)
         if args.command == "submit":
-            from embedd.spool import SpoolPaths
+            from embedd.files.spool import SpoolPaths
 
             SpoolPaths.from_root(settings.spool_root, settings.spool_state_dir).ensure()
             return submit_main(
@@ -279,7 +279,7 @@ def submit_main(
 
 
 def _status(settings: Settings, *, as_json: bool, watch: bool) -> int:
-    from embedd.prices import format_usd
+    from embedd.money.prices import format_usd
     from embedd.status import status_main
 
     def usd(value: Decimal | None) -> str | None:
@@ -296,7 +296,7 @@ def _status(settings: Settings, *, as_json: bool, watch: bool) -> int:
 
 def _report(argv: list[str]) -> int:
     """`embedd report …`: the report module parses its own flags (and ignores --config)."""
-    from embedd.report import report_main
+    from embedd.money.report import report_main
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")

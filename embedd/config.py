@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from embedd.errors import ConfigError
-from embedd.prices import DEFAULT_PRICES, NATIVE_DIMENSIONS, Price
+from embedd.money.prices import DEFAULT_PRICES, NATIVE_DIMENSIONS, Price
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}

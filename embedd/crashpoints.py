@@ -21,7 +21,7 @@ The points, in pipeline order:
 `EMBEDD_FAULT_AT=name` (or `name:N`) is the chaos hook: `fault_point(name)` raises an
 unexpected exception the first N times (default once) it is reached. The names are
 the supervised stages (`intake`, `submit`, `collect`, `deliver`, `sync`, `ledger`:
-raised inside that stage's unit guard, embedd.supervise) and a few edges that raise
+raised inside that stage's unit guard, embedd.pipeline.supervise) and a few edges that raise
 the OS error a real failure would:
 
     open_input     PermissionError (EACCES) opening an input that has no read permission

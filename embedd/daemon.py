@@ -8,7 +8,7 @@ Start-up, in order, before `READY=1`:
 The watchdog pings (while the state database answers) from step 2 on. After READY
 the stages run side by side in the same TaskGroup: intake (file events + periodic
 scan), submitter, poller/collector, sync lane, delivery and status. Each stage runs
-its units of work in the one guard (embedd.supervise, SPEC §8), so a failing unit is
+its units of work in the one guard (embedd.pipeline.supervise, SPEC §8), so a failing unit is
 retried or failed alone; only a daemon-level fault (state database unusable) leaves a
 stage and takes the daemon down (systemd restarts it). Nothing is lost, because every
 stage is safe to interrupt at any await.
@@ -32,33 +32,33 @@ from typing import Any
 
 import watchfiles
 
-from embedd.api import OpenAIClient, make_session
-from embedd.books import Books, prices_of
-from embedd.breaker import Breaker
-from embedd.budget import flush_ledger
-from embedd.collector import Collector, poll_loop, sweep_local_files
 from embedd.config import Settings
 from embedd.crashpoints import fault_point
-from embedd.delivery import Delivery, deliver_loop, deliver_ready
 from embedd.errors import SubmissionPaused, TransientError
-from embedd.gate import SubmissionGate
-from embedd.intake import Intake, resume_claims, scan_and_claim
-from embedd.ledger import Ledger
-from embedd.limiter import Limiter
+from embedd.files.spool import SpoolPaths, check_same_filesystem, scan, sweep_stale_temps
 from embedd.logs import get_logger
 from embedd.metrics_http import MetricsServer, Sources
-from embedd.retention import Retention, retention_loop, segment_bytes
-from embedd.retry import RetryPolicy
+from embedd.money.books import Books, prices_of
+from embedd.money.budget import flush_ledger
+from embedd.money.ledger import Ledger
+from embedd.openai.api import OpenAIClient, make_session
+from embedd.openai.breaker import Breaker
+from embedd.openai.limiter import Limiter
+from embedd.openai.retry import RetryPolicy
+from embedd.pipeline.collector import Collector, poll_loop, sweep_local_files
+from embedd.pipeline.delivery import Delivery, deliver_loop, deliver_ready
+from embedd.pipeline.gate import SubmissionGate
+from embedd.pipeline.intake import Intake, resume_claims, scan_and_claim
+from embedd.pipeline.retention import Retention, retention_loop, segment_bytes
+from embedd.pipeline.submitter import Submitter, reconcile, submit_loop
+from embedd.pipeline.supervise import Action, Supervisor, verdict
+from embedd.pipeline.synclane import SyncLane, sync_loop
+from embedd.pipeline.wakeups import Wakeups
 from embedd.safety import check_ownership, check_spool_safety
-from embedd.spool import SpoolPaths, check_same_filesystem, scan, sweep_stale_temps
-from embedd.states import FILE_ACTIVE
-from embedd.store import Store
-from embedd.submitter import Submitter, reconcile, submit_loop
-from embedd.supervise import Action, Supervisor, verdict
-from embedd.synclane import SyncLane, sync_loop
+from embedd.state.states import FILE_ACTIVE
+from embedd.state.store import Store
 from embedd.systemd import Notifier, watchdog_loop
 from embedd.tokens import Tokenizer
-from embedd.wakeups import Wakeups
 
 log = get_logger("embedd.daemon")
 
@@ -224,7 +224,7 @@ async def _run(
             organization=settings.openai_organization,
             project=settings.openai_project,
             auth_header=settings.openai_auth_header,
-            logger=get_logger("embedd.api"),
+            logger=get_logger("embedd.openai.api"),
         )
         if tokenizer is None:
             tokenizer = await asyncio.to_thread(Tokenizer)

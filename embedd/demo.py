@@ -67,8 +67,8 @@ def run_demo(workdir: Path) -> int:
     print(f"embedd demo: spool {spool}", file=sys.stderr)
 
     from embedd.daemon import run_daemon
-    from embedd.spool import SpoolPaths
-    from embedd.wakeups import Wakeups
+    from embedd.files.spool import SpoolPaths
+    from embedd.pipeline.wakeups import Wakeups
 
     paths = SpoolPaths.from_root(spool, None)
     paths.ensure()
@@ -101,7 +101,7 @@ def run_demo(workdir: Path) -> int:
         print(f"Failed inputs in {paths.failed}: {[f.name for f in failed]}")
     print()
     print("Cost report (embedd report --config " + str(config) + "):")
-    from embedd.report import report_main
+    from embedd.money.report import report_main
 
     report_main([], paths.ledger)
     print()

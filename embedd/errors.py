@@ -14,7 +14,7 @@ classes defined elsewhere name their module in brackets.
     │   ├── APITransientError *   (also a TransientError, above)
     │   ├── APIPermanentError     the API refused this request for good (400, 404, 422)
     │   └── SubmissionPaused      401, 403, insufficient_quota: the submission gate
-    │                             (embedd.gate) pauses; every file is kept, the reason
+    │                             (embedd.pipeline.gate) pauses; every file is kept, the reason
     │                             shows in the log and `embedd status`
     ├── FatalError                local state is broken: crash, systemd restarts us
     │   ├── LedgerCorrupt [ledger]  ledger.jsonl holds a line that is no entry
@@ -27,7 +27,7 @@ Outside the tree, by design: `LedgerWriteError` [ledger] is an OSError (a full d
 holds the ledger stage, SPEC §8), `BadVector` [batchlines] a ValueError (a bad vector
 in a sync reply: that request is retried), `InjectedFault` [crashpoints] a test hook.
 What each one means to a unit of work — retried, failed alone, or fatal — is decided
-in one place, `embedd.supervise.verdict` (SPEC §8).
+in one place, `embedd.pipeline.supervise.verdict` (SPEC §8).
 
 Each class's docstring is its default message.
 """

@@ -27,11 +27,11 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from embedd import metrics
-from embedd.api import OpenAIClient
-from embedd.gate import SubmissionGate
-from embedd.states import REQUEST_OPEN, SHARD_IN_FLIGHT
-from embedd.store import Store
-from embedd.vectors import cache_bytes
+from embedd.openai.api import OpenAIClient
+from embedd.pipeline.gate import SubmissionGate
+from embedd.state.states import REQUEST_OPEN, SHARD_IN_FLIGHT
+from embedd.state.store import Store
+from embedd.state.vectors import cache_bytes
 
 # Requests still waiting in the queue: not yet in a batch, or in one in flight.
 QUEUE_STATES = tuple(sorted(REQUEST_OPEN))

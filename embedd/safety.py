@@ -7,9 +7,9 @@ or a folder above one that is not protected by the sticky bit, is world-writable
 
 Who may read the results is decided by group membership: under systemd the unit's
 ``UMask=0007`` strips every permission for "other" from whatever the daemon creates,
-and the daemon gives what it writes explicit modes (`embedd.spool.FILE_MODE`, 0640: the
+and the daemon gives what it writes explicit modes (`embedd.files.spool.FILE_MODE`, 0640: the
 daemon writes, the ``embedd`` group reads), inside setgid folders owned by group
-``embedd`` (`embedd.spool.PRODUCER_DIR_MODE` 2770 for tmp/ and inbox/,
+``embedd`` (`embedd.files.spool.PRODUCER_DIR_MODE` 2770 for tmp/ and inbox/,
 `DAEMON_DIR_MODE` 2750 for the rest; ``systemd/embedd.tmpfiles`` creates the same).
 Producers join the group; nobody else sees a thing.
 

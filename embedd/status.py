@@ -2,7 +2,7 @@
 
 It opens the database read-only and creates nothing (WAL lets it read while the
 daemon writes; `immutable` when the daemon is stopped; see
-`embedd.store.connect_readonly`), so it works whether the daemon runs or not, and run
+`embedd.state.store.connect_readonly`), so it works whether the daemon runs or not, and run
 by another user it never leaves a file the daemon cannot write. The queries are the
 store's `read_*` functions; this module only formats. `gather` returns plain data;
 `render` turns it into text; `--watch` redraws it with a progress bar per batch and
@@ -18,11 +18,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from embedd.budget import period_start
-from embedd.ledger import format_ts, period_spend
-from embedd.prices import format_usd
-from embedd.states import FILE_TRANSITIONS, REQUEST_TRANSITIONS, SHARD_TRANSITIONS
-from embedd.store import (
+from embedd.money.budget import period_start
+from embedd.money.ledger import format_ts, period_spend
+from embedd.money.prices import format_usd
+from embedd.state.states import FILE_TRANSITIONS, REQUEST_TRANSITIONS, SHARD_TRANSITIONS
+from embedd.state.store import (
     connect_readonly,
     read_active_files,
     read_counts,

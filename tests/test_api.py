@@ -18,8 +18,6 @@ import structlog
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from embedd.api import CreateOutcomeUnknown, OpenAIClient, make_session
-from embedd.breaker import Breaker
 from embedd.errors import (
     APIPermanentError,
     APITransientError,
@@ -28,8 +26,10 @@ from embedd.errors import (
     OutcomeUnknown,
     SubmissionPaused,
 )
-from embedd.limiter import Limiter
-from embedd.retry import RetryPolicy
+from embedd.openai.api import CreateOutcomeUnknown, OpenAIClient, make_session
+from embedd.openai.breaker import Breaker
+from embedd.openai.limiter import Limiter
+from embedd.openai.retry import RetryPolicy
 
 API_KEY = "sk-test-Zq9XvB1t7Hcm3LkP0aWd"
 ROUTES = [
@@ -341,7 +341,7 @@ async def test_auth_and_quota_errors_pause_submission(
     assert server.count("list_files") == 1
     assert sleeps(client) == []
     assert "Access denied" in info.value.message
-    # The pause is the submission gate's (embedd.gate), not the client's to keep.
+    # The pause is the submission gate's (embedd.pipeline.gate), not the client's to keep.
     assert "paused" not in client.status_snapshot()
 
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from embedd.batchlines import (
+from embedd.openai.batchlines import (
     BadVector,
     MalformedLine,
     _fast_vector,

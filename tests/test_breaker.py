@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from embedd.breaker import CLOSED, HALF_OPEN, OPEN, TRANSITIONS, Breaker
+from embedd.openai.breaker import CLOSED, HALF_OPEN, OPEN, TRANSITIONS, Breaker
 
 
 def tripped(now: float = 0.0, failures: int = 3, cooldown: float = 30.0) -> Breaker:

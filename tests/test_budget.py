@@ -1,4 +1,4 @@
-"""Tests for embedd.budget: decisions at limits and rollovers, with an injected `now`."""
+"""Tests for embedd.money.budget: decisions at limits and rollovers, with an injected `now`."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from embedd.budget import Budget, next_rollover, period_key, period_keys, period_start
-from embedd.ledger import Ledger, read_entries
+from embedd.money.budget import Budget, next_rollover, period_key, period_keys, period_start
+from embedd.money.ledger import Ledger, read_entries
 
 NOW = datetime(2026, 11, 28, 15, 30, tzinfo=UTC)
 D = Decimal

@@ -15,23 +15,23 @@ from typing import Any
 
 import aiohttp
 
-from embedd.api import OpenAIClient
-from embedd.breaker import Breaker
-from embedd.budget import submission_allowed
-from embedd.collector import poll_once
 from embedd.config import load_settings
 from embedd.daemon import Pipeline, wire
 from embedd.emulator import EmulatorConfig, RunningEmulator, start_emulator
-from embedd.intake import scan_and_claim
-from embedd.ledger import AlertEntry, Ledger, LedgerEntry, read_entries
-from embedd.limiter import Limiter
-from embedd.prices import cost, format_usd
-from embedd.retry import RetryPolicy
-from embedd.spool import SpoolPaths
+from embedd.files.spool import SpoolPaths
+from embedd.money.budget import submission_allowed
+from embedd.money.ledger import AlertEntry, Ledger, LedgerEntry, read_entries
+from embedd.money.prices import cost, format_usd
+from embedd.openai.api import OpenAIClient
+from embedd.openai.breaker import Breaker
+from embedd.openai.limiter import Limiter
+from embedd.openai.retry import RetryPolicy
+from embedd.pipeline.collector import poll_once
+from embedd.pipeline.intake import scan_and_claim
+from embedd.pipeline.submitter import submit_once
+from embedd.pipeline.synclane import call
+from embedd.state.store import Store
 from embedd.status import gather, render
-from embedd.store import Store
-from embedd.submitter import submit_once
-from embedd.synclane import call
 from embedd.tokens import Tokenizer
 from tests.conftest import TEST_KEY, drop
 

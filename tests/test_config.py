@@ -19,7 +19,7 @@ from embedd.config import (
     parse_size,
 )
 from embedd.errors import ConfigError
-from embedd.prices import DEFAULT_PRICES, Price
+from embedd.money.prices import DEFAULT_PRICES, Price
 
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "config.toml"
 

@@ -1,5 +1,5 @@
-"""Tests for embedd.prices (prices, exact money), embedd.jsonio and the ledger's line
-format in embedd.ledger."""
+"""Tests for embedd.money.prices (prices, exact money), embedd.files.jsonio and the ledger's line
+format in embedd.money.ledger."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from embedd.errors import ConfigError
-from embedd.jsonio import dumps_exact
-from embedd.ledger import (
+from embedd.files.jsonio import dumps_exact
+from embedd.money.ledger import (
     AlertEntry,
     LedgerEntry,
     Totals,
@@ -26,7 +26,7 @@ from embedd.ledger import (
     parse_line,
     to_json_line,
 )
-from embedd.prices import DEFAULT_PRICES, Price, cost, format_usd, money, price_for
+from embedd.money.prices import DEFAULT_PRICES, Price, cost, format_usd, money, price_for
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 LARGE = "text-embedding-3-large"

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 
 from embedd.cli import main
-from embedd.intake import scan_and_claim
-from embedd.ledger import AlertEntry, LedgerEntry, read_entries
-from embedd.prices import cost
-from embedd.submitter import submit_once
+from embedd.money.ledger import AlertEntry, LedgerEntry, read_entries
+from embedd.money.prices import cost
+from embedd.pipeline.intake import scan_and_claim
+from embedd.pipeline.submitter import submit_once
 from tests.conftest import TEST_KEY, DaemonProcess, EmulatorProcess, drop, wait_for
 from tests.test_budgeting import rig
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from embedd.cli import main
-from embedd.ledger import LedgerEntry, read_entries
-from embedd.prices import cost
+from embedd.money.ledger import LedgerEntry, read_entries
+from embedd.money.prices import cost
 from tests.conftest import DaemonProcess, EmulatorProcess, drop, wait_for
 
 BATCH = Decimal("0.065")

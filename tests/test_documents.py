@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from embedd import documents
-from embedd.documents import MAX_REPORTED, Record, parse_document
 from embedd.errors import InputRejected
+from embedd.files import documents
+from embedd.files.documents import MAX_REPORTED, Record, parse_document
 
 
 def reject(name: str, data: bytes) -> InputRejected:
@@ -318,7 +318,7 @@ def test_a_duplicate_far_apart_is_found_after_the_ids_are_compacted() -> None:
 def test_colliding_hashes_are_confirmed_against_the_ids_themselves() -> None:
     """Two different ids that share a hash are not duplicates; the real duplicates
     among them are named with the first line of their id, in file order."""
-    from embedd.documents import _Collector, _SeenIds
+    from embedd.files.documents import _Collector, _SeenIds
 
     ids = [f"id{n}" for n in range(40)] + ["id3", "id7", "id3"]
     data = "\n".join(json.dumps({"id": i, "text": "t"}) for i in ids).encode()

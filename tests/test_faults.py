@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import pytest
 
 from embedd.emulator.vectors import count_tokens
-from embedd.intake import request_key
+from embedd.pipeline.intake import request_key
 from tests.conftest import DaemonProcess, EmulatorProcess, drop
 from tests.test_crash import (
     check_invariants,

@@ -1,4 +1,4 @@
-"""The submission gate (embedd.gate): the one owner of pause, queue limit and backoff,
+"""The submission gate (embedd.pipeline.gate): the one owner of pause, queue limit and backoff,
 on a real state database; its facts are what `embedd status` reads."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from embedd.gate import SubmissionGate
 from embedd.logs import get_logger
+from embedd.pipeline.gate import SubmissionGate
+from embedd.state.store import Store
 from embedd.status import gather
-from embedd.store import Store
 
 
 class Clock:

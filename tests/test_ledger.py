@@ -1,4 +1,4 @@
-"""Tests for embedd.ledger: durable, idempotent appends to a real file."""
+"""Tests for embedd.money.ledger: durable, idempotent appends to a real file."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from embedd.ledger import (
+from embedd.money.ledger import (
     AlertEntry,
     EntryMaker,
     Ledger,
@@ -27,7 +27,7 @@ from embedd.ledger import (
     read_entries,
     to_json_line,
 )
-from embedd.prices import DEFAULT_PRICES
+from embedd.money.prices import DEFAULT_PRICES
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 

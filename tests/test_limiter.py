@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from embedd.limiter import Limiter, ServerWindow, TokenBucket, parse_reset
+from embedd.openai.limiter import Limiter, ServerWindow, TokenBucket, parse_reset
 
 
 class FakeClock:

@@ -104,12 +104,12 @@ def test_secrets_never_reach_output(json_output: bool) -> None:
 def test_json_lines_carry_level_logger_and_utc_timestamp() -> None:
     """Each JSON line parses, with level, logger name and an ISO-8601 UTC timestamp."""
     out = capture(json_output=True)
-    get_logger("embedd.spool").info("claimed", file="a.txt", size=3)
+    get_logger("embedd.files.spool").info("claimed", file="a.txt", size=3)
     logging.getLogger("aiohttp.access").warning("stdlib %s", "line")
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     assert list(lines[0])[:4] == ["timestamp", "level", "logger", "event"]
     assert [(e["event"], e["level"], e["logger"]) for e in lines] == [
-        ("claimed", "info", "embedd.spool"),
+        ("claimed", "info", "embedd.files.spool"),
         ("stdlib line", "warning", "aiohttp.access"),
     ]
     assert lines[0]["file"] == "a.txt"
@@ -124,11 +124,11 @@ def test_json_lines_carry_level_logger_and_utc_timestamp() -> None:
 def test_console_output_is_key_value_without_colors() -> None:
     """The readable format is one key=value line, with no ANSI escapes off a terminal."""
     out = capture(json_output=False)
-    get_logger("embedd.spool").info("claimed", file="a.txt")
+    get_logger("embedd.files.spool").info("claimed", file="a.txt")
     line = out.getvalue().strip()
     assert "claimed" in line
     assert "file=a.txt" in line
-    assert "[embedd.spool]" in line
+    assert "[embedd.files.spool]" in line
     assert "\x1b[" not in line
     with pytest.raises(json.JSONDecodeError):
         json.loads(line)

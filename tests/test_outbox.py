@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from embedd.outbox import RowStream, finish_input, write_failure, write_result
-from embedd.spool import SpoolPaths, atomic_write
+from embedd.files.outbox import RowStream, finish_input, write_failure, write_result
+from embedd.files.spool import SpoolPaths, atomic_write
 
 
 @pytest.fixture
@@ -83,8 +83,8 @@ CRASH_SCRIPT = """
 import resource, signal, sys
 from pathlib import Path
 import numpy as np
-from embedd.outbox import write_result
-from embedd.spool import SpoolPaths
+from embedd.files.outbox import write_result
+from embedd.files.spool import SpoolPaths
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 paths = SpoolPaths.from_root(Path(sys.argv[1]))

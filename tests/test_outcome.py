@@ -1,4 +1,4 @@
-"""The collector's outcome policy (embedd.outcome, SPEC §4) as a table: the batch's
+"""The collector's outcome policy (embedd.pipeline.outcome, SPEC §4) as a table: the batch's
 status and errors in, the verdict on its unanswered requests out."""
 
 from __future__ import annotations
@@ -7,7 +7,13 @@ from typing import Any
 
 import pytest
 
-from embedd.outcome import MISSING, RequestVerdict, batch_errors, judge_missing, needs_line_ids
+from embedd.pipeline.outcome import (
+    MISSING,
+    RequestVerdict,
+    batch_errors,
+    judge_missing,
+    needs_line_ids,
+)
 
 LIMIT_MESSAGE = (
     "Enqueued token limit reached for text-embedding-3-small in organization org-x. "

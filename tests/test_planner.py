@@ -1,4 +1,4 @@
-"""Tests for embedd.planner: cutting shards, when to submit, sync groups, the queue limit."""
+"""Tests for embedd.pipeline.planner: cutting shards, when to submit, sync groups, the queue limit."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from embedd.planner import (
+from embedd.pipeline.planner import (
     API_MAX_INPUTS_PER_BATCH,
     Cut,
     ShardLimits,

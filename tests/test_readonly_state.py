@@ -14,8 +14,8 @@ import pytest
 
 from embedd.errors import ConfigError
 from embedd.safety import check_ownership
+from embedd.state.store import Store
 from embedd.status import gather
-from embedd.store import Store
 from tests.conftest import TEST_KEY
 from tests.test_cli import EX_CONFIG, clean_env, config_file, embedd
 

@@ -1,4 +1,4 @@
-"""Tests for embedd.report: aggregation, the three formats and `embedd report`."""
+"""Tests for embedd.money.report: aggregation, the three formats and `embedd report`."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from embedd.ledger import AlertEntry, Ledger, LedgerEntry, Totals, make_entry
-from embedd.prices import DEFAULT_PRICES
-from embedd.report import TOTAL, aggregate, period_of, render, report_main
+from embedd.money.ledger import AlertEntry, Ledger, LedgerEntry, Totals, make_entry
+from embedd.money.prices import DEFAULT_PRICES
+from embedd.money.report import TOTAL, aggregate, period_of, render, report_main
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 MONEY = ("cost_usd", "standard_cost_usd", "saved_usd", "dedup_saved_usd")

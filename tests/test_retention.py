@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from embedd.store import NewRecord, NewRequest, Store
+from embedd.state.store import NewRecord, NewRequest, Store
 from tests.conftest import DaemonProcess, EmulatorProcess, drop, wait_for
 
 NOW = 1_700_000_000.0

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from embedd.retry import Decision, ExcKind, RetryPolicy, classify, retry_after
+from embedd.openai.retry import Decision, ExcKind, RetryPolicy, classify, retry_after
 
 R, P, Z, OK = Decision.RETRY, Decision.PERMANENT, Decision.PAUSE, Decision.OK
 

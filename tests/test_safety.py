@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from embedd.errors import ConfigError
+from embedd.files.spool import DAEMON_DIR_MODE, FILE_MODE, PRODUCER_DIR_MODE
 from embedd.safety import (
     ancestor_problem,
     check_spool_safety,
@@ -17,7 +18,6 @@ from embedd.safety import (
     umask_problem,
     world_writable,
 )
-from embedd.spool import DAEMON_DIR_MODE, FILE_MODE, PRODUCER_DIR_MODE
 
 
 def spool(tmp_path: Path) -> dict[str, Path]:

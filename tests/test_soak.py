@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from embedd.emulator.vectors import count_tokens
-from embedd.intake import request_key
+from embedd.pipeline.intake import request_key
 from tests.conftest import EmulatorProcess
 from tests.test_crash import (
     check_invariants,

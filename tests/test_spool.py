@@ -12,7 +12,7 @@ from typing import BinaryIO
 import pytest
 
 from embedd.errors import ConfigError, InputRejected
-from embedd.spool import (
+from embedd.files.spool import (
     Entry,
     SpoolPaths,
     UnsafeName,

@@ -1,4 +1,4 @@
-"""Tests for embedd.states: the transition tables and what is generated from them."""
+"""Tests for embedd.state.states: the transition tables and what is generated from them."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import pytest
 
-from embedd.states import (
+from embedd.state.states import (
     BATCH_STATUSES,
     BATCH_TERMINAL,
     FILE_ACTIVE,

@@ -6,8 +6,8 @@ import io
 import json
 from pathlib import Path
 
+from embedd.state.store import NewRecord, NewRequest, Store
 from embedd.status import gather, render, status_main
-from embedd.store import NewRecord, NewRequest, Store
 
 
 async def _populated(tmp_path: Path) -> Path:

@@ -1,4 +1,4 @@
-"""Tests for embedd.store against real SQLite files in tmp_path."""
+"""Tests for embedd.state.store against real SQLite files in tmp_path."""
 
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ from typing import Any
 import pytest
 
 from embedd.errors import FatalError
-from embedd.outcome import RequestVerdict
-from embedd.states import (
+from embedd.pipeline.outcome import RequestVerdict
+from embedd.state.states import (
     FILE_TRANSITIONS,
     REQUEST_TRANSITIONS,
     SHARD_TRANSITIONS,
     can_move,
 )
-from embedd.store import (
+from embedd.state.store import (
     MIGRATIONS,
     SCHEMA,
     SCHEMA_VERSION,
@@ -59,7 +59,7 @@ def watch_moves(path: Path) -> None:
 
 
 def unlisted_moves(path: Path) -> set[tuple[str, str, str]]:
-    """The recorded state changes that embedd.states does not list."""
+    """The recorded state changes that embedd.state.states does not list."""
     moves = peek(path, "SELECT DISTINCT tbl, old, new FROM test_moves")
     return {(t, o, n) for t, o, n in moves if not can_move(STATE_TABLES[t], o, n)}
 
@@ -67,7 +67,7 @@ def unlisted_moves(path: Path) -> set[tuple[str, str, str]]:
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[Store]:
     """A fresh store on a real file; always closed. Every state change a test makes
-    through it must be a transition embedd.states lists."""
+    through it must be a transition embedd.state.states lists."""
     s = await Store.open(tmp_path / "s.sqlite3")
     watch_moves(s.path)
     try:
@@ -247,7 +247,7 @@ async def test_every_migration_leads_to_the_schema_definition(tmp_path: Path) ->
 
 
 async def test_state_checks_admit_exactly_the_states_of_embedd_states(tmp_path: Path) -> None:
-    """The migrations are frozen SQL: when embedd.states gains (or loses) a state, this
+    """The migrations are frozen SQL: when embedd.state.states gains (or loses) a state, this
     fails until a new migration changes the CHECK (rebuilding the table: a CHECK cannot
     be altered) and `SCHEMA` says so too."""
     migrated, defined = tmp_path / "migrated.sqlite3", tmp_path / "defined.sqlite3"

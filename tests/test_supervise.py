@@ -18,9 +18,9 @@ from embedd.errors import (
     SubmissionPaused,
 )
 from embedd.logs import get_logger
+from embedd.pipeline.supervise import Action, Supervisor, backoff, verdict
+from embedd.state.store import Store
 from embedd.status import render
-from embedd.store import Store
-from embedd.supervise import Action, Supervisor, backoff, verdict
 
 # ---- verdict: a pure function ---------------------------------------------------------
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from embedd.files.spool import DAEMON_DIR_MODE, PRODUCER_DIR_MODE
 from embedd.safety import check_spool_safety
 from embedd.secrets import CREDENTIAL_NAME
-from embedd.spool import DAEMON_DIR_MODE, PRODUCER_DIR_MODE
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEMD = ROOT / "systemd"
@@ -176,7 +176,7 @@ def test_sysusers_and_tmpfiles_build_a_safe_spool(tmp_path: Path) -> None:
         p.relative_to(spool).as_posix(): stat.S_IMODE(p.stat().st_mode)
         for p in [spool, *spool.rglob("*")]
     }
-    # The same modes the daemon gives folders it creates itself (embedd.spool).
+    # The same modes the daemon gives folders it creates itself (embedd.files.spool).
     producer = {"tmp", "inbox", "inbox/sync"}
     assert set(modes) == {".", "tmp", "inbox", "inbox/sync", "outbox", "failed", "done", "work"}
     for name, mode in modes.items():

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embedd import store as store_module
-from embedd.store import NewRecord, NewRequest, Store, piece_vectors
-from embedd.vectors import SegmentReader, SegmentWriter, segment_files
+from embedd.state import store as store_module
+from embedd.state.store import NewRecord, NewRequest, Store, piece_vectors
+from embedd.state.vectors import SegmentReader, SegmentWriter, segment_files
 
 NOW = 1_700_000_000.0
 DIMS = 4

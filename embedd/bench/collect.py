@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from embedd.batchlines import encode_request_line
 from embedd.bench.common import MB, documents, peak_rss, run_worker
 from embedd.emulator.output import write_batch_output
+from embedd.openai.batchlines import encode_request_line
 
 SIZES = {"small": 500, "full": 20_000}
 DIMS = 3072
@@ -75,11 +75,11 @@ def embedd_side(args: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _embedd_side(args: dict[str, Any]) -> dict[str, Any]:
-    from embedd.collector import READ_BUFFER, parsed_slices
-    from embedd.delivery import record_rows
-    from embedd.outbox import RowStream, write_result
-    from embedd.spool import SpoolPaths
-    from embedd.store import NewRecord, NewRequest, Store, piece_vectors
+    from embedd.files.outbox import RowStream, write_result
+    from embedd.files.spool import SpoolPaths
+    from embedd.pipeline.collector import READ_BUFFER, parsed_slices
+    from embedd.pipeline.delivery import record_rows
+    from embedd.state.store import NewRecord, NewRequest, Store, piece_vectors
 
     order = _order(Path(args["requests"]))
     dims = int(args["dims"])
@@ -133,8 +133,8 @@ def baseline_side(args: dict[str, Any]) -> dict[str, Any]:
 
 def idle_side(args: dict[str, Any]) -> dict[str, Any]:
     """Worker: import what both sides import and nothing else (the RSS floor)."""
-    import embedd.collector
-    import embedd.delivery
+    import embedd.pipeline.collector
+    import embedd.pipeline.delivery
 
     del embedd
 

@@ -37,7 +37,7 @@ from embedd.bench.common import (
 )
 from embedd.emulator import EmulatorConfig, RunningEmulator, start_emulator
 from embedd.emulator.server import EMULATOR_KEY, Emulator
-from embedd.synclane import CONCURRENCY
+from embedd.pipeline.synclane import CONCURRENCY
 
 TPM = 60_000
 DOC_CHARS = 400  # about 60 tokens a document

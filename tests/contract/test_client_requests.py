@@ -22,13 +22,13 @@ import schemas
 from emulator_client import KEY, FakeClock, running
 from openapi_edge import check_request, check_response, find_operation, spec_proxy
 
-from embedd.api import OpenAIClient
-from embedd.batchlines import encode_request_line
-from embedd.breaker import Breaker
 from embedd.config import load_settings
 from embedd.daemon import run_daemon
-from embedd.limiter import Limiter
-from embedd.retry import RetryPolicy
+from embedd.openai.api import OpenAIClient
+from embedd.openai.batchlines import encode_request_line
+from embedd.openai.breaker import Breaker
+from embedd.openai.limiter import Limiter
+from embedd.openai.retry import RetryPolicy
 
 # Tests of the YAML-driven wire checker itself need the published file; the client's
 # traffic is refereed everywhere (by the SDK's types at least; see openapi_edge).

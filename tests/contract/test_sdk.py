@@ -21,8 +21,8 @@ import referee
 from emulator_client import KEY, FakeClock, embedding_line, jsonl, running
 from openapi_edge import SpecProxy, spec_proxy
 
-from embedd.batchlines import decode_embedding
 from embedd.emulator import embed_text
+from embedd.openai.batchlines import decode_embedding
 
 openai = pytest.importorskip("openai")
 from openai.types import Batch, CreateEmbeddingResponse, FileDeleted, FileObject  # noqa: E402

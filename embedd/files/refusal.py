@@ -1,6 +1,6 @@
 """Refusing a claimed input: `failed/NAME` and its `.error.json`, and the file `failed`.
 
-Beside the outbox: results go to `outbox/` (embedd.outbox.write_result), refusals to
+Beside the outbox: results go to `outbox/` (embedd.files.outbox.write_result), refusals to
 `failed/` through here. Used by intake (an input that cannot be read or parsed) and
 delivery (an input whose records failed, or whose delivery was given up).
 """
@@ -14,9 +14,9 @@ from typing import Any
 
 from embedd import metrics
 from embedd.errors import InputRejected
-from embedd.outbox import write_failure
-from embedd.spool import SpoolPaths
-from embedd.store import Store, db_text
+from embedd.files.outbox import write_failure
+from embedd.files.spool import SpoolPaths
+from embedd.state.store import Store, db_text
 
 MAX_NAME_BYTES = 200
 

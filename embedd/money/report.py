@@ -9,7 +9,7 @@ usage and are left out.
 
 Formats: `table` is for people (money at display precision, totals last); `csv`
 (header + rows, exact decimals, opens in a spreadsheet) and `json` (money as exact
-JSON numbers, see `embedd.jsonio`) are for programs.
+JSON numbers, see `embedd.files.jsonio`) are for programs.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 from typing import Literal, TypeAlias
 
-from embedd.jsonio import dumps_exact
-from embedd.ledger import Entry, LedgerCorrupt, LedgerEntry, Totals, read_entries
-from embedd.prices import format_usd
+from embedd.files.jsonio import dumps_exact
+from embedd.money.ledger import Entry, LedgerCorrupt, LedgerEntry, Totals, read_entries
+from embedd.money.prices import format_usd
 
 Grouping: TypeAlias = Literal["day", "week", "month"]
 Format: TypeAlias = Literal["table", "csv", "json"]

@@ -1,7 +1,7 @@
 """JSON text with exact money: `Decimal` is written as a JSON number, a float never is.
 
 How money is written in JSON (the ledger, `embedd report --format json`, manifests):
-as a JSON *number* in plain fixed-point notation (`embedd.prices.format_usd`). Because
+as a JSON *number* in plain fixed-point notation (`embedd.money.prices.format_usd`). Because
 the text is the exact decimal, a reader that parses numbers as decimals
 (`json.loads(line, parse_float=Decimal)`) gets the exact value back, and one that
 parses floats gets the nearest float, which prints as the same text.
@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping
 from decimal import Decimal
 
-from embedd.prices import format_usd
+from embedd.money.prices import format_usd
 
 
 def dumps_exact(obj: object) -> str:

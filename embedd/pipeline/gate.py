@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from embedd.store import Store
+from embedd.state.store import Store
 
 
 class Backoff(Protocol):

@@ -22,19 +22,19 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from embedd.api import OpenAIClient
-from embedd.batchlines import BadVector, decode_embedding
-from embedd.books import Books
-from embedd.budget import entry_maker, flush_ledger, submission_allowed
 from embedd.config import Settings
 from embedd.errors import APIPermanentError, SubmissionPaused, TransientError
-from embedd.gate import SubmissionGate
-from embedd.ledger import entry_row
-from embedd.outcome import RequestVerdict
-from embedd.planner import pack_sync
-from embedd.store import Pending, Store, new_id
-from embedd.supervise import Supervisor
-from embedd.wakeups import Wakeups
+from embedd.money.books import Books
+from embedd.money.budget import entry_maker, flush_ledger, submission_allowed
+from embedd.money.ledger import entry_row
+from embedd.openai.api import OpenAIClient
+from embedd.openai.batchlines import BadVector, decode_embedding
+from embedd.pipeline.gate import SubmissionGate
+from embedd.pipeline.outcome import RequestVerdict
+from embedd.pipeline.planner import pack_sync
+from embedd.pipeline.supervise import Supervisor
+from embedd.pipeline.wakeups import Wakeups
+from embedd.state.store import Pending, Store, new_id
 
 CONCURRENCY = 8
 

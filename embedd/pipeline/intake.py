@@ -28,19 +28,19 @@ from typing import IO, Any, cast
 
 import numpy as np
 
-from embedd.batchlines import request_line_size
 from embedd.config import Settings
 from embedd.crashpoints import crash_point
-from embedd.documents import READ_BYTES, Record, iter_document, prescan
 from embedd.errors import InputRejected
-from embedd.outbox import write_failure
-from embedd.planner import queue_tokens_estimate
-from embedd.refusal import MAX_NAME_BYTES, failed_name, refuse
-from embedd.spool import Entry, SpoolPaths, fsync_dir, kind_of, open_input, scan
-from embedd.store import NewRecord, NewRequest, Store, db_text, encode_input, new_id
-from embedd.supervise import Supervisor
+from embedd.files.documents import READ_BYTES, Record, iter_document, prescan
+from embedd.files.outbox import write_failure
+from embedd.files.refusal import MAX_NAME_BYTES, failed_name, refuse
+from embedd.files.spool import Entry, SpoolPaths, fsync_dir, kind_of, open_input, scan
+from embedd.openai.batchlines import request_line_size
+from embedd.pipeline.planner import queue_tokens_estimate
+from embedd.pipeline.supervise import Supervisor
+from embedd.pipeline.wakeups import Wakeups
+from embedd.state.store import NewRecord, NewRequest, Store, db_text, encode_input, new_id
 from embedd.tokens import PIECE_CHARS, LongPolicy, TokenIds, Tokenizer, cut_point, plan_chunks
-from embedd.wakeups import Wakeups
 
 _REFUSED_KINDS = {
     "symlink": "it is a symbolic link; embedd never follows links, copy the file instead",

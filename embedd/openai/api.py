@@ -36,8 +36,6 @@ import aiohttp
 import structlog
 
 from embedd import metrics
-from embedd.batchlines import request_body
-from embedd.breaker import Breaker
 from embedd.crashpoints import crash_point
 from embedd.errors import (
     APIPermanentError,
@@ -46,8 +44,10 @@ from embedd.errors import (
     OutcomeUnknown,
     SubmissionPaused,
 )
-from embedd.limiter import Limiter
-from embedd.retry import Decision, ExcKind, RetryPolicy, classify, retry_after
+from embedd.openai.batchlines import request_body
+from embedd.openai.breaker import Breaker
+from embedd.openai.limiter import Limiter
+from embedd.openai.retry import Decision, ExcKind, RetryPolicy, classify, retry_after
 
 _KEY_PATTERN = re.compile(r"sk-[A-Za-z0-9_\-*]{4,}")
 _FILE_NOT_READY = re.compile(
@@ -153,7 +153,7 @@ class OpenAIClient:
         self._clock = clock
         self._sleep = sleep
         self._wall = wall_clock
-        self._log = logger if logger is not None else structlog.get_logger("embedd.api")
+        self._log = logger if logger is not None else structlog.get_logger("embedd.openai.api")
 
     # ----------------------------------------------------------------- the pipeline
 

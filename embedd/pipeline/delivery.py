@@ -24,20 +24,20 @@ import numpy as np
 import numpy.typing as npt
 
 from embedd import metrics
-from embedd.books import Books
-from embedd.budget import record_dedup
 from embedd.config import Settings
 from embedd.crashpoints import crash_point, fault_point
 from embedd.errors import InputRejected
-from embedd.ledger import format_ts
-from embedd.outbox import RowStream, finish_input, write_result
-from embedd.prices import lane_cost
-from embedd.refusal import refuse
-from embedd.spool import SpoolPaths
-from embedd.store import Store, piece_vectors
-from embedd.supervise import Supervisor
+from embedd.files.outbox import RowStream, finish_input, write_result
+from embedd.files.refusal import refuse
+from embedd.files.spool import SpoolPaths
+from embedd.money.books import Books
+from embedd.money.budget import record_dedup
+from embedd.money.ledger import format_ts
+from embedd.money.prices import lane_cost
+from embedd.pipeline.supervise import Supervisor
+from embedd.pipeline.wakeups import Wakeups
+from embedd.state.store import Store, piece_vectors
 from embedd.tokens import combine_chunks
-from embedd.wakeups import Wakeups
 
 
 @dataclass(frozen=True)

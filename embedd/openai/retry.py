@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 
-from embedd.limiter import parse_reset
+from embedd.openai.limiter import parse_reset
 
 
 class Decision(enum.Enum):

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from embedd.config import Settings
-from embedd.store import Store
-from embedd.vectors import SEGMENT_BYTES
-from embedd.wakeups import Wakeups
+from embedd.pipeline.wakeups import Wakeups
+from embedd.state.store import Store
+from embedd.state.vectors import SEGMENT_BYTES
 
 INTERVAL = 60.0
 

@@ -10,7 +10,7 @@ user_version` says how far a database has come. A fresh database runs every migr
 in order, so an old database that is migrated ends up exactly like a new one. `SCHEMA`
 is where they lead, written out to read; a test checks that a database built through
 every migration and one built from `SCHEMA` have the same tables, columns, CHECKs and
-indexes, and that the state CHECKs admit exactly the states of embedd.states.
+indexes, and that the state CHECKs admit exactly the states of embedd.state.states.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ import numpy.typing as npt
 
 from embedd.crashpoints import fault_point
 from embedd.errors import FatalError
-from embedd.outcome import RequestVerdict
-from embedd.states import (
+from embedd.pipeline.outcome import RequestVerdict
+from embedd.state.states import (
     FILE_ACTIVE,
     FILE_FINISHED,
     FILE_TRANSITIONS,
@@ -48,7 +48,7 @@ from embedd.states import (
     sql_from,
     sql_in,
 )
-from embedd.vectors import (
+from embedd.state.vectors import (
     SegmentInfo,
     SegmentReader,
     SegmentWriter,
@@ -59,7 +59,7 @@ from embedd.vectors import (
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the first schema. Every migration is literal SQL, frozen once released: the
-    # CHECK lists are written out, not generated from embedd.states, so a change to the
+    # CHECK lists are written out, not generated from embedd.state.states, so a change to the
     # state tables needs a new migration (a test compares the live schema with them).
     """
     CREATE TABLE files (
@@ -271,7 +271,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 # The schema `MIGRATIONS` lead to, written out in one place to read (tables in the
 # order of the flow). Databases are built by the migrations; a test builds one from
 # this text too and compares the two (tables, columns, CHECKs, indexes), and compares
-# the state CHECKs with embedd.states. A new migration updates this text as well.
+# the state CHECKs with embedd.state.states. A new migration updates this text as well.
 SCHEMA = """
 CREATE TABLE files (
     job TEXT PRIMARY KEY,
@@ -417,7 +417,7 @@ CREATE TABLE daemon (
 );
 """
 _ACTIVE_SQL = sql_in(FILE_ACTIVE)
-# Guards of the request moves written by hand below, checked against embedd.states
+# Guards of the request moves written by hand below, checked against embedd.state.states
 # when this module loads (files and shards move through `move_file` / `move_shard`).
 _REVIVE = sql_from(REQUEST_TRANSITIONS, "pending", "failed")  # a new file queues it again
 _TO_PLANNED = sql_from(REQUEST_TRANSITIONS, "planned", "pending")
@@ -1139,7 +1139,7 @@ class Store:
         """Apply one collected batch (or one sync call) in a single transaction.
 
         `verdict`: its requests to retry (counted against `max_retries`), fail for good
-        or requeue (embedd.outcome); `shard`: closed as collected; `vectors`: (key,
+        or requeue (embedd.pipeline.outcome); `shard`: closed as collected; `vectors`: (key,
         float32 bytes, tokens) stored with `origin`; `ledger`: (id, ts, kind, json line).
         """
         async with self._vector_lock:
@@ -1211,7 +1211,7 @@ class Store:
                 (shard,),
             )
 
-    # ---- supervised units (embedd.supervise) -------------------------------------
+    # ---- supervised units (embedd.pipeline.supervise) -------------------------------------
 
     async def unit_started(self, stage: str, unit: str, now: float) -> tuple[int, str | None]:
         """Count one more try of a unit, before it runs; return (tries, last error)."""

@@ -7,7 +7,7 @@ repeats the download and re-inserts nothing twice); the verdict on every other
 request and the ledger row land in one final transaction with `collected`.
 
 The outcome policy (SPEC §4) — what happens to each request of an ended batch — is
-a pure function in embedd.outcome; `collect` applies its verdict.
+a pure function in embedd.pipeline.outcome; `collect` applies its verdict.
 
 `collect`, step by step: `_store_vectors` (download, parse, store vectors slice by
 slice), `_judge` (the verdict on the requests no line named), the gate's backoff for
@@ -26,22 +26,22 @@ from pathlib import Path
 from typing import IO, Any
 
 from embedd import metrics
-from embedd.api import OpenAIClient
-from embedd.batchlines import LineResult, MalformedLine, parse_output_line
-from embedd.books import Books
-from embedd.budget import entry_maker, flush_ledger
 from embedd.config import Settings
 from embedd.crashpoints import crash_point
 from embedd.errors import APIPermanentError, EmbeddError, SubmissionPaused, TransientError
-from embedd.gate import SubmissionGate
-from embedd.ledger import entry_row
-from embedd.outcome import RequestVerdict, batch_errors, judge_missing, needs_line_ids
-from embedd.spool import SpoolPaths
-from embedd.states import BATCH_TERMINAL, SHARD_IN_FLIGHT
-from embedd.store import Store
-from embedd.supervise import Supervisor
-from embedd.vectors import VectorLike
-from embedd.wakeups import Wakeups
+from embedd.files.spool import SpoolPaths
+from embedd.money.books import Books
+from embedd.money.budget import entry_maker, flush_ledger
+from embedd.money.ledger import entry_row
+from embedd.openai.api import OpenAIClient
+from embedd.openai.batchlines import LineResult, MalformedLine, parse_output_line
+from embedd.pipeline.gate import SubmissionGate
+from embedd.pipeline.outcome import RequestVerdict, batch_errors, judge_missing, needs_line_ids
+from embedd.pipeline.supervise import Supervisor
+from embedd.pipeline.wakeups import Wakeups
+from embedd.state.states import BATCH_TERMINAL, SHARD_IN_FLIGHT
+from embedd.state.store import Store
+from embedd.state.vectors import VectorLike
 
 SLICE = 1000
 READ_BUFFER = 1 << 20  # output lines are ~16 KB at 3072 dimensions: read many at once
@@ -290,7 +290,7 @@ async def _store_vectors(
 async def _judge(
     rt: Collector, shard: str, batch: dict[str, Any], sent: dict[str, int], seen: set[str]
 ) -> RequestVerdict:
-    """The verdict (embedd.outcome) on the requests no line of the batch's files named."""
+    """The verdict (embedd.pipeline.outcome) on the requests no line of the batch's files named."""
     status = str(batch.get("status"))
     errors = batch_errors(batch)
     ids: dict[int, str] = {}

@@ -21,7 +21,7 @@ period; `embedd status` shows the hold and the operator raises the limit.
 
 At run time (`submission_allowed`, `check_spend`): each period's spend is the sum of
 `cost_usd` of the usage rows in the state database since the period started (UTC day
-and month of `rt.clock()`; `embedd.ledger.period_spend`, the same sum `embedd status`
+and month of `rt.clock()`; `embedd.money.ledger.period_spend`, the same sum `embedd status`
 shows), plus the estimated cost of batches submitted but not billed yet (a batch's
 usage is only known when it ends; without this, two batches could each pass a check
 the pair crosses). The submission's own cost is its tokens at the lane's price.
@@ -51,9 +51,9 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from embedd import ledger
-from embedd.books import Books
-from embedd.ledger import (
+from embedd.money import ledger
+from embedd.money.books import Books
+from embedd.money.ledger import (
     AlertEntry,
     BudgetAction,
     BudgetName,
@@ -64,8 +64,8 @@ from embedd.ledger import (
     format_ts,
     period_spend,
 )
-from embedd.prices import format_usd, lane_cost
-from embedd.states import SHARD_IN_FLIGHT
+from embedd.money.prices import format_usd, lane_cost
+from embedd.state.states import SHARD_IN_FLIGHT
 
 _BUDGETS: tuple[BudgetName, ...] = ("daily", "monthly")
 

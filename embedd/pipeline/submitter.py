@@ -29,10 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from embedd.api import CreateOutcomeUnknown, OpenAIClient
-from embedd.batchlines import encode_request_line
-from embedd.books import Books
-from embedd.budget import submission_allowed
 from embedd.config import Settings
 from embedd.crashpoints import crash_point
 from embedd.errors import (
@@ -41,13 +37,17 @@ from embedd.errors import (
     SubmissionPaused,
     TransientError,
 )
-from embedd.gate import SubmissionGate
-from embedd.planner import ShardLimits, cut_shard, should_submit
-from embedd.spool import SpoolPaths, fsync_dir
-from embedd.states import BATCH_TERMINAL, SHARD_FINISHED, SHARD_UNSUBMITTED, SHARD_UPLOADED
-from embedd.store import Store, new_id, request_inputs
-from embedd.supervise import Supervisor
-from embedd.wakeups import Wakeups
+from embedd.files.spool import SpoolPaths, fsync_dir
+from embedd.money.books import Books
+from embedd.money.budget import submission_allowed
+from embedd.openai.api import CreateOutcomeUnknown, OpenAIClient
+from embedd.openai.batchlines import encode_request_line
+from embedd.pipeline.gate import SubmissionGate
+from embedd.pipeline.planner import ShardLimits, cut_shard, should_submit
+from embedd.pipeline.supervise import Supervisor
+from embedd.pipeline.wakeups import Wakeups
+from embedd.state.states import BATCH_TERMINAL, SHARD_FINISHED, SHARD_UNSUBMITTED, SHARD_UPLOADED
+from embedd.state.store import Store, new_id, request_inputs
 
 METADATA_KEY = "embedd_shard"
 UPLOAD_PREFIX = "embedd-"

@@ -34,8 +34,8 @@ from numpy.lib import format as npy_format
 
 from embedd.crashpoints import crash_point
 from embedd.errors import InputRejected
-from embedd.jsonio import dumps_document
-from embedd.spool import (
+from embedd.files.jsonio import dumps_document
+from embedd.files.spool import (
     SpoolPaths,
     Writer,
     atomic_write,

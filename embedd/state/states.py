@@ -114,5 +114,5 @@ def sql_from(table: Mapping[str, frozenset[str]], new: str, *olds: str) -> str:
     (when the store module loads) unless every `old → new` is listed in `table`."""
     for old in olds:
         if not can_move(table, old, new):
-            raise ValueError(f"{old} -> {new} is not a transition listed in embedd.states")
+            raise ValueError(f"{old} -> {new} is not a transition listed in embedd.state.states")
     return sql_in(olds)

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from embedd.planner import learn_queue_limit
+from embedd.pipeline.planner import learn_queue_limit
 
 MISSING = "missing from the batch's output and error files"
 

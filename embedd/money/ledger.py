@@ -9,7 +9,7 @@ Entries (pure):
 
 `make_entry` / `make_dedup_entry` (or an `EntryMaker` holding the settings) build
 them, `to_json_line` writes one line (money as exact JSON numbers, see
-`embedd.jsonio`), `parse_line` reads one back, `Totals` sums them, and `format_ts` is
+`embedd.files.jsonio`), `parse_line` reads one back, `Totals` sums them, and `format_ts` is
 the one timestamp format of the ledger and the state database.
 
 How a line reaches the file: a usage row is stored in the state database in the
@@ -56,10 +56,10 @@ from typing import Any, BinaryIO, Literal, TypeAlias
 from embedd import metrics
 from embedd.crashpoints import fault_point
 from embedd.errors import FatalError
-from embedd.jsonio import dumps_exact
-from embedd.prices import Lane, Price, cost, money, price_for, to_decimal
-from embedd.spool import FILE_MODE, fsync_dir
-from embedd.store import Store
+from embedd.files.jsonio import dumps_exact
+from embedd.files.spool import FILE_MODE, fsync_dir
+from embedd.money.prices import Lane, Price, cost, money, price_for, to_decimal
+from embedd.state.store import Store
 
 UsageKind: TypeAlias = Literal["batch", "sync", "dedup"]
 BudgetName: TypeAlias = Literal["daily", "monthly"]

@@ -42,8 +42,8 @@ from typing import Any
 from embedd import metrics
 from embedd.crashpoints import fault_point
 from embedd.errors import ConfigError, FatalError, SubmissionPaused, TransientError
-from embedd.ledger import LedgerWriteError
-from embedd.store import Store
+from embedd.money.ledger import LedgerWriteError
+from embedd.state.store import Store
 
 STAGES = ("intake", "submit", "collect", "deliver", "sync", "ledger")
 

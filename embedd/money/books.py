@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from embedd.config import Settings
-from embedd.ledger import Ledger
-from embedd.prices import Price
-from embedd.store import Store
+from embedd.money.ledger import Ledger
+from embedd.money.prices import Price
+from embedd.state.store import Store
 
 
 def prices_of(settings: Settings) -> dict[str, Price]:

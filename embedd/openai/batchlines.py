@@ -33,7 +33,7 @@ import orjson
 import pybase64
 
 from embedd.errors import EmbeddError
-from embedd.prices import NATIVE_DIMENSIONS
+from embedd.money.prices import NATIVE_DIMENSIONS
 
 # Models that reject the `dimensions` parameter altogether.
 FIXED_DIMENSION_MODELS = frozenset({"text-embedding-ada-002"})

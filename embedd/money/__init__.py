@@ -1,0 +1,2 @@
+"""Money: prices and exact arithmetic, the cost ledger (its only writer), budgets, and
+the cost report."""
