@@ -276,9 +276,12 @@ def test_failed_remote_deletes_are_recorded_and_retried(
         "requests": [{"endpoint": "DELETE /v1/files/{id}", "kind": "server_error", "count": 12}],
     }
     quick = {"base": "10ms", "cap": "20ms"}
+    # The deletes fail by their 500s, not by the breaker they would open (its cooldowns
+    # stall every other call and are tested elsewhere).
     daemon, _ = run(
-        emulator, tmp_path, request, "deletes", files=1, per_file=8, faults=script, retry=quick
-    )
+        emulator, tmp_path, request, "deletes", files=1, per_file=8, faults=script,
+        retry=quick, breaker={"failures": 1000},
+    )  # fmt: skip
     assert events(daemon, "file.delete_failed")
 
     def all_gone() -> bool:
@@ -387,9 +390,12 @@ def test_reconciliation_deletes_leftover_files_of_our_batches(
         "requests": [{"endpoint": "DELETE /v1/files/{id}", "kind": "server_error"}],  # always
     }
     quick = {"base": "10ms", "cap": "20ms"}
+    # The failing deletes must not open the breaker: that would stall every other call
+    # for its cooldown again and again (most of this test's time) and is not the point.
     daemon, _ = run(
-        emulator, tmp_path, request, "leftover", files=1, per_file=6, faults=script, retry=quick
-    )
+        emulator, tmp_path, request, "leftover", files=1, per_file=6, faults=script,
+        retry=quick, breaker={"failures": 1000},
+    )  # fmt: skip
     assert daemon.stop() == 0
     kinds = {f["purpose"] for f in emulator_list(emulator, "/files")}
     assert kinds == {"batch", "batch_output"}

@@ -27,7 +27,7 @@ from embedd.bench.common import MB, documents, peak_rss, run_worker
 from embedd.emulator.output import write_batch_output
 from embedd.openai.batchlines import encode_request_line
 
-SIZES = {"small": 500, "full": 20_000}
+SIZES = {"small": 200, "full": 20_000}
 DIMS = 3072
 MODEL = "text-embedding-3-large"
 

@@ -42,7 +42,7 @@ from embedd.pipeline.synclane import CONCURRENCY
 TPM = 60_000
 DOC_CHARS = 400  # about 60 tokens a document
 # (window seconds, measured windows after the warm-up one)
-SIZES = {"small": (2.0, 2), "full": (10.0, 4)}
+SIZES = {"small": (1.0, 2), "full": (10.0, 4)}
 DEMAND = 5.0
 
 
