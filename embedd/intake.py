@@ -295,8 +295,8 @@ def _hash_file(f: IO[bytes], name: str, max_bytes: int) -> tuple[int, str]:
 
 
 # Records stored in one transaction (a file of up to this much text is queued in one
-# step, its texts written once), and records tokenized in one call (tiktoken's lists
-# of Python ints, 36 bytes a token, exist for one such call at a time).
+# step, its texts written once), and records tokenized in one call (their ids, 4 bytes
+# a token, exist for one such call at a time).
 BATCH_CHARS = 4 << 20
 TOKENIZE_CHARS = 2 << 20
 
@@ -365,18 +365,16 @@ def _whole_text(
 
 
 def _tokenized(rt: Runtime, batch: Sequence[Record]) -> Iterator[tuple[Record, TokenIds]]:
-    """Each record with its token ids; a long text's as a compact uint32 array."""
-    limit = rt.settings.inputs_max_tokens
+    """Each record with its token ids, as a compact uint32 array."""
     for part in _batches(batch, TOKENIZE_CHARS):
         short = [r.text for r in part if len(r.text) <= PIECE_CHARS]
-        ids_of_short = iter(rt.tokenizer.encode_batch(short))
+        ids_of_short = iter(rt.tokenizer.encode_batch_compact(short))
         del short
         for record in part:
             if len(record.text) > PIECE_CHARS:
                 yield record, rt.tokenizer.encode_compact(record.text)
                 continue
-            ids = next(ids_of_short)
-            yield record, ids if len(ids) <= limit else np.asarray(ids, dtype=np.uint32)
+            yield record, next(ids_of_short)
 
 
 def _prepared_batches(

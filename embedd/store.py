@@ -251,6 +251,21 @@ MIGRATIONS: tuple[str, ...] = (
         SELECT p.key FROM pieces p JOIN files f ON f.job = p.job
         WHERE f.state IN ('queued', 'writing'));
     """,
+    # A request's text moves to its own table (`requests.input` stays, always ''): the
+    # planner's reads and a shard's 20,000-row state update touch small rows, not pages
+    # full of texts. A request's text goes with it (the trigger), so every path that
+    # deletes a request still deletes its text (with secure_delete).
+    """
+    CREATE TABLE request_texts (
+        key TEXT PRIMARY KEY,
+        input TEXT NOT NULL
+    );
+    INSERT INTO request_texts (key, input) SELECT key, input FROM requests;
+    UPDATE requests SET input = '';
+    CREATE TRIGGER requests_text_gone AFTER DELETE ON requests BEGIN
+        DELETE FROM request_texts WHERE key = old.key;
+    END;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -465,27 +480,7 @@ class Store:
             )
             # A text already embedded needs no request; one already queued is shared;
             # one that failed before gets a fresh chance with this new file.
-            await tx.executemany(
-                "INSERT INTO requests (key, input, tokens, qtokens, nbytes, lane, state, queued_at) "
-                "SELECT ?, ?, ?, ?, ?, ?, 'pending', ? "
-                "WHERE NOT EXISTS (SELECT 1 FROM vectors WHERE key = ?) "
-                "ON CONFLICT(key) DO UPDATE SET state = 'pending', attempts = 0, error = NULL, "
-                "shard = NULL, queued_at = excluded.queued_at, lane = excluded.lane "
-                "WHERE requests.state = 'failed'",
-                [
-                    (
-                        q.key,
-                        encode_input(q.input),
-                        q.tokens,
-                        q.qtokens,
-                        q.nbytes,
-                        lane,
-                        now,
-                        q.key,
-                    )
-                    for q in requests
-                ],
-            )
+            await _insert_requests(tx, requests, lane, now)
             if lane == "sync":
                 # A sync file must not wait for a batch: move shared pending work over.
                 await tx.executemany(
@@ -564,9 +559,15 @@ class Store:
             )
             # As in queue_file: an embedded text needs no request, a queued one is
             # shared, one that failed before gets a fresh chance.
+            # (a text is stored with its request, and only then: the two come and go together)
+            await tx.execute(
+                "INSERT OR IGNORE INTO request_texts (key, input) SELECT key, input FROM staged s "
+                "WHERE s.job = ? AND NOT EXISTS (SELECT 1 FROM vectors v WHERE v.key = s.key)",
+                (job,),
+            )
             await tx.execute(
                 "INSERT INTO requests (key, input, tokens, qtokens, nbytes, lane, state, queued_at) "
-                "SELECT key, input, tokens, qtokens, nbytes, ?, 'pending', ? FROM staged s "
+                "SELECT key, '', tokens, qtokens, nbytes, ?, 'pending', ? FROM staged s "
                 "WHERE s.job = ? AND NOT EXISTS (SELECT 1 FROM vectors v WHERE v.key = s.key) "
                 "ON CONFLICT(key) DO UPDATE SET state = 'pending', attempts = 0, error = NULL, "
                 "shard = NULL, queued_at = excluded.queued_at, lane = excluded.lane "
@@ -574,18 +575,7 @@ class Store:
                 (lane, now, job),
             )
             final = [] if last is None else last[2]
-            await tx.executemany(
-                "INSERT INTO requests (key, input, tokens, qtokens, nbytes, lane, state, queued_at) "
-                "SELECT ?, ?, ?, ?, ?, ?, 'pending', ? "
-                "WHERE NOT EXISTS (SELECT 1 FROM vectors WHERE key = ?) "
-                "ON CONFLICT(key) DO UPDATE SET state = 'pending', attempts = 0, error = NULL, "
-                "shard = NULL, queued_at = excluded.queued_at, lane = excluded.lane "
-                "WHERE requests.state = 'failed'",
-                [
-                    (q.key, encode_input(q.input), q.tokens, q.qtokens, q.nbytes, lane, now, q.key)
-                    for q in final
-                ],
-            )
+            await _insert_requests(tx, final, lane, now)
             if lane == "sync":
                 await tx.execute(
                     "UPDATE requests SET lane = 'sync' WHERE state = 'pending' AND key IN "
@@ -781,12 +771,19 @@ class Store:
     async def pending(self, lane: str, limit: int, *, inputs: bool = True) -> list[Pending]:
         """The oldest pending requests; with `inputs=False` their `input` is left empty
         (planning needs only sizes: a shard's texts are read by `request_inputs`)."""
-        column = "input" if inputs else "'' AS input"
-        rows = await self._all(
-            f"SELECT key, {column}, tokens, qtokens, nbytes, queued_at, attempts FROM requests "
-            "WHERE state = 'pending' AND lane = ? ORDER BY queued_at, key LIMIT ?",
-            (lane, limit),
-        )
+        if inputs:
+            sql = (
+                "SELECT r.key, t.input, r.tokens, r.qtokens, r.nbytes, r.queued_at, r.attempts "
+                "FROM requests r JOIN request_texts t ON t.key = r.key "
+                "WHERE r.state = 'pending' AND r.lane = ? ORDER BY r.queued_at, r.key LIMIT ?"
+            )
+        else:
+            sql = (
+                "SELECT key, '' AS input, tokens, qtokens, nbytes, queued_at, attempts "
+                "FROM requests WHERE state = 'pending' AND lane = ? "
+                "ORDER BY queued_at, key LIMIT ?"
+            )
+        rows = await self._all(sql, (lane, limit))
         return [
             Pending(
                 key=r["key"],
@@ -805,6 +802,18 @@ class Store:
             "SELECT MIN(queued_at) FROM requests WHERE state = 'pending' AND lane = ?", (lane,)
         )
         return None if row is None or row[0] is None else float(row[0])
+
+    async def pending_totals(self, lane: str) -> tuple[int, int, int, float | None]:
+        """(requests, bytes, queue tokens, oldest queued_at) of the pending requests: the
+        planner's cheap look before it reads them one by one."""
+        row = await self._one(
+            "SELECT COUNT(*), COALESCE(SUM(nbytes), 0), COALESCE(SUM(qtokens), 0), "
+            "MIN(queued_at) FROM requests WHERE state = 'pending' AND lane = ?",
+            (lane,),
+        )
+        if row is None:
+            return 0, 0, 0, None
+        return int(row[0]), int(row[1]), int(row[2]), None if row[3] is None else float(row[3])
 
     async def create_shard(
         self,
@@ -1194,6 +1203,27 @@ async def _insert_records(tx: _Tx, job: str, first: int, records: Sequence[NewRe
     )
 
 
+async def _insert_requests(tx: _Tx, requests: Sequence[NewRequest], lane: str, now: float) -> None:
+    """New pending requests and their texts. An embedded text needs no request, a
+    queued one is shared, one that failed before gets a fresh chance."""
+    if not requests:
+        return
+    await tx.executemany(
+        "INSERT OR IGNORE INTO request_texts (key, input) SELECT ?, ? "
+        "WHERE NOT EXISTS (SELECT 1 FROM vectors WHERE key = ?)",
+        [(q.key, encode_input(q.input), q.key) for q in requests],
+    )
+    await tx.executemany(
+        "INSERT INTO requests (key, input, tokens, qtokens, nbytes, lane, state, queued_at) "
+        "SELECT ?, '', ?, ?, ?, ?, 'pending', ? "
+        "WHERE NOT EXISTS (SELECT 1 FROM vectors WHERE key = ?) "
+        "ON CONFLICT(key) DO UPDATE SET state = 'pending', attempts = 0, error = NULL, "
+        "shard = NULL, queued_at = excluded.queued_at, lane = excluded.lane "
+        "WHERE requests.state = 'failed'",
+        [(q.key, q.tokens, q.qtokens, q.nbytes, lane, now, q.key) for q in requests],
+    )
+
+
 # (key, segment, row, tokens) of rows already in their segments, and those segments.
 _Located = tuple[list[tuple[str, int, int, int | None]], list[SegmentInfo]]
 
@@ -1276,7 +1306,7 @@ def request_inputs(
             part = keys[start : start + fetch]
             marks = ",".join("?" * len(part))
             rows = dict(
-                conn.execute(f"SELECT key, input FROM requests WHERE key IN ({marks})", part)
+                conn.execute(f"SELECT key, input FROM request_texts WHERE key IN ({marks})", part)
             )
             for key in part:
                 if key in rows:
@@ -1298,10 +1328,15 @@ class _Tx:
         await self._db.executemany(sql, rows)
 
     async def executescript_in_tx(self, script: str) -> None:
-        # executescript() would COMMIT first; run the statements one by one instead.
-        for statement in script.split(";"):
-            if statement.strip():
-                await self._db.execute(statement)
+        # executescript() would COMMIT first; run the statements one by one instead
+        # (a trigger's body holds semicolons: a statement ends where SQLite says it does).
+        statement = ""
+        for part in script.split(";"):
+            statement += part + ";"
+            if sqlite3.complete_statement(statement):
+                if statement.strip(" \n;"):
+                    await self._db.execute(statement)
+                statement = ""
 
 
 def _decode_input(raw: str) -> str | list[int]:

@@ -37,7 +37,7 @@ from embedd.errors import (
     SubmissionPaused,
     TransientError,
 )
-from embedd.planner import ShardLimits, cut_shard, should_submit
+from embedd.planner import API_MAX_INPUTS_PER_BATCH, ShardLimits, cut_shard, should_submit
 from embedd.runtime import Runtime
 from embedd.spool import fsync_dir
 from embedd.states import BATCH_TERMINAL
@@ -259,6 +259,18 @@ async def plan_one(rt: Runtime) -> str | None:
     s = rt.settings
     headroom = rt.queue_limit - await rt.store.queue_tokens_in_flight()
     if headroom <= 0:
+        return None
+    # While the whole queue fits one shard and its oldest request has not waited
+    # `flush_after`, no shard is due: known from totals, without reading every row.
+    count, nbytes, qtokens, oldest = await rt.store.pending_totals("batch")
+    if count == 0:
+        return None
+    fits = (
+        count < min(s.batch_max_lines, API_MAX_INPUTS_PER_BATCH)
+        and nbytes <= s.batch_max_bytes
+        and qtokens <= min(rt.queue_limit, headroom)
+    )
+    if fits and oldest is not None and rt.clock() - oldest < s.batch_flush_after:
         return None
     pending = await rt.store.pending("batch", s.batch_max_lines, inputs=False)
     limits = ShardLimits(s.batch_max_lines, s.batch_max_bytes, rt.queue_limit)
