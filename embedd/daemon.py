@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable, Iterator
 
 import watchfiles
 
+from embedd import memory
 from embedd.accounting import flush_ledger
 from embedd.api import OpenAIClient, make_session
 from embedd.breaker import Breaker
@@ -75,6 +76,7 @@ async def run_daemon(
     on_ready: Callable[[Runtime], Awaitable[None]] | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT (or, with `until_idle`, until no work is left)."""
+    memory.limit_arenas()  # before the daemon's threads: RSS stays flat for months
     notifier = notifier or Notifier.from_env()
     paths = spool_paths(settings)
     # Refuse an unsafe spool before creating anything in it, then check what was created.

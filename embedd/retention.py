@@ -16,6 +16,9 @@ only runs them on a schedule.
 
 from __future__ import annotations
 
+import asyncio
+
+from embedd import memory
 from embedd.runtime import Runtime
 from embedd.vectors import SEGMENT_BYTES
 
@@ -58,3 +61,5 @@ async def retain_once(rt: Runtime, *, full: bool = True) -> None:
     if pruned:
         rt.log.info("state.files_pruned", files=pruned)
     await rt.store.checkpoint()  # finish a truncation a reader held up
+    # what a delivery, a collection or this pass freed goes back to the system
+    await asyncio.to_thread(memory.trim)
