@@ -254,7 +254,8 @@ MIGRATIONS: tuple[str, ...] = (
     # A request's text moves to its own table (`requests.input` stays, always ''): the
     # planner's reads and a shard's 20,000-row state update touch small rows, not pages
     # full of texts. A request's text goes with it (the trigger), so every path that
-    # deletes a request still deletes its text (with secure_delete).
+    # deletes a request still deletes its text (with secure_delete). And the membership
+    # of shards already pruned (it was kept forever) goes.
     """
     CREATE TABLE request_texts (
         key TEXT PRIMARY KEY,
@@ -265,6 +266,7 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TRIGGER requests_text_gone AFTER DELETE ON requests BEGIN
         DELETE FROM request_texts WHERE key = old.key;
     END;
+    DELETE FROM shard_members WHERE shard NOT IN (SELECT id FROM shards);
     """,
 )
 
@@ -680,11 +682,13 @@ class Store:
             await tx.execute(f"DELETE FROM records WHERE job IN ({old})", (before,))
             cur = await tx.execute(f"DELETE FROM files WHERE job IN ({old})", (before,))
             count = cur.rowcount
-            await tx.execute(
-                "DELETE FROM shards WHERE state IN ('collected', 'abandoned') "
-                "AND COALESCE(ended_at, submitted_at, created_at) < ?",
-                (before,),
+            ended = (
+                "SELECT id FROM shards WHERE state IN ('collected', 'abandoned') "
+                "AND COALESCE(ended_at, submitted_at, created_at) < ?"
             )
+            # a shard's membership goes with it
+            await tx.execute(f"DELETE FROM shard_members WHERE shard IN ({ended})", (before,))
+            await tx.execute(f"DELETE FROM shards WHERE id IN ({ended})", (before,))
         return count
 
     async def vector_bytes(self) -> int:

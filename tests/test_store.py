@@ -21,6 +21,7 @@ from embedd.store import (
     NewRequest,
     Store,
     piece_vectors,
+    request_inputs,
 )
 
 NOW = 1_700_000_000.0
@@ -531,3 +532,59 @@ async def test_remote_deletes_wait_for_their_shard_to_be_final(store: Store) -> 
     await store.remote_delete_done("file-in")
     assert await store.due_remote_deletes(NOW + 5) == []
     assert [r["attempts"] for r in await store.due_remote_deletes(NOW + 10)] == [1]
+
+
+# ---- request texts and shard membership (issue 11) ------------------------------------
+
+
+async def test_migration_moves_texts_out_of_request_rows(tmp_path: Path) -> None:
+    """From schema 4, each request's text moves to `request_texts` (read back the same),
+    the request rows keep none, and members of shards already pruned are dropped."""
+    path = tmp_path / "v4.sqlite3"
+    build_to(path, 4)
+    db = sqlite3.connect(path)
+    db.executemany(
+        "INSERT INTO requests (key, input, tokens, qtokens, nbytes, lane, state, queued_at)"
+        " VALUES (?, ?, 1, 1, 1, 'batch', 'pending', 1.0)",
+        [("a", "text of a"), ("b", "\x00tokens:[1, 2]")],
+    )
+    db.execute("INSERT INTO shard_members (shard, key, tokens) VALUES ('gone', 'a', 1)")
+    db.commit()
+    db.close()
+    s = await Store.open(path)
+    try:
+        assert [(p.key, p.input) for p in await s.pending("batch", 10)] == [
+            ("a", "text of a"),
+            ("b", [1, 2]),
+        ]
+        assert list(request_inputs(path, ["b", "a"])) == [("b", [1, 2]), ("a", "text of a")]
+    finally:
+        await s.close()
+    assert peek(path, "SELECT DISTINCT input FROM requests") == [("",)]
+    assert peek(path, "SELECT * FROM shard_members") == []
+
+
+async def test_a_requests_text_goes_with_its_request(store: Store) -> None:
+    """Every way a request row is deleted takes its text along (the trigger)."""
+    await add_file(store, "j1", ["alpha", "beta"])
+    assert sorted(peek(store.path, "SELECT key, input FROM request_texts")) == [
+        ("k:alpha", "alpha"),
+        ("k:beta", "beta"),
+    ]
+    assert await store.move_file("j1", "failed", reason="x")  # the file ends: texts go
+    assert peek(store.path, "SELECT COUNT(*) FROM requests") == [(0,)]
+    assert peek(store.path, "SELECT COUNT(*) FROM request_texts") == [(0,)]
+
+
+async def test_pruning_a_shard_prunes_its_membership(store: Store) -> None:
+    """A pruned shard's member rows go with it (they grew without bound before)."""
+    await add_file(store, "j1", ["alpha", "beta"])
+    await plan(store, "s1", ["k:alpha", "k:beta"])
+    await plan(store, "s2", [])
+    assert await store.move_shard("s1", "abandoned", error="x")
+    await store.update_shard("s1", ended_at=NOW)
+    await store.prune_finished(NOW + 1)
+    assert await store.shard("s1") is None
+    assert await store.shard_members("s1") == {}
+    assert peek(store.path, "SELECT COUNT(*) FROM shard_members") == [(0,)]
+    assert await store.shard("s2") is not None  # still planned: kept
