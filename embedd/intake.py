@@ -27,7 +27,7 @@ from typing import IO, Any, cast
 
 import numpy as np
 
-from embedd import metrics
+from embedd import memory, metrics
 from embedd.batchlines import request_line_size
 from embedd.crashpoints import crash_point
 from embedd.documents import READ_BYTES, Record, iter_document, prescan
@@ -243,6 +243,7 @@ async def process_claimed(rt: Runtime, job: str, name: str, lane: str) -> None:
     rt.log.info(
         "file.queued", file=name, job=job, lane=lane, records=count, tokens=tokens, cached=cached
     )
+    await asyncio.to_thread(memory.trim)  # the claim's batches go back to the system
 
 
 async def refuse(
