@@ -297,9 +297,12 @@ def _hash_file(f: IO[bytes], name: str, max_bytes: int) -> tuple[int, str]:
 
 # Records stored in one transaction (a file of up to this much text is queued in one
 # step, its texts written once), and records tokenized in one call (their ids, 4 bytes
-# a token, exist for one such call at a time).
+# a token, exist for one such call at a time). A whole batch is one call: its runs
+# queue on the tokenizer's threads together, so of two claims one finishes first and
+# is stored while the other is tokenized (in smaller calls the two took turns and
+# finished together, leaving the tokenizer idle while both were stored).
 BATCH_CHARS = 4 << 20
-TOKENIZE_CHARS = 2 << 20
+TOKENIZE_CHARS = 4 << 20
 
 
 def _batches(records: Iterable[Record], limit: int = BATCH_CHARS) -> Iterator[list[Record]]:
