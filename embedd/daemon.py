@@ -32,6 +32,7 @@ from typing import Any
 
 import watchfiles
 
+from embedd import memory
 from embedd.config import Settings
 from embedd.crashpoints import fault_point
 from embedd.errors import SubmissionPaused, TransientError
@@ -165,6 +166,7 @@ async def run_daemon(
     `clock` is the wall clock stages, ledger and budgets use; `tokenizer` the one
     intake counts tokens with (built here when not given: it takes a while).
     """
+    memory.limit_arenas()  # before the daemon's threads: RSS stays flat for months
     notifier = notifier or Notifier.from_env()
     paths = spool_paths(settings)
     # Refuse an unsafe spool before creating anything in it, then check what was created.

@@ -29,6 +29,7 @@ from embedd.state.store import (
     NewRequest,
     Store,
     piece_vectors,
+    request_inputs,
 )
 
 NOW = 1_700_000_000.0
@@ -188,11 +189,17 @@ def _checks(sql: str) -> list[str]:
 
 
 def structure(path: Path) -> dict[str, dict[str, Any]]:
-    """Each table's columns (in order), CHECKs, indexes and foreign keys: what a
-    database's schema means, whatever text made it (CREATE or ALTER, in any order)."""
+    """Each table's columns (in order), CHECKs, indexes and foreign keys, and every
+    trigger (its text, whitespace aside): what a database's schema means, whatever
+    text made it (CREATE or ALTER, in any order)."""
     db = sqlite3.connect(path)
     try:
-        out: dict[str, dict[str, Any]] = {}
+        out: dict[str, dict[str, Any]] = {
+            f"trigger {name}": {"sql": " ".join(sql.split())}
+            for name, sql in db.execute(
+                "SELECT name, sql FROM sqlite_master WHERE type = 'trigger'"
+            )
+        }
         for name, sql in db.execute(
             "SELECT name, sql FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
         ):
@@ -220,7 +227,7 @@ def state_checks(path: Path) -> dict[str, set[str]]:
     """The states each table's `state` CHECK admits."""
     admitted = {}
     for table, parts in structure(path).items():
-        for check in parts["checks"]:
+        for check in parts.get("checks", []):
             if check.startswith("CHECK (state IN ("):
                 admitted[table] = set(re.findall(r"'([^']*)'", check))
     return admitted
@@ -259,7 +266,8 @@ async def test_state_checks_admit_exactly_the_states_of_embedd_states(tmp_path: 
 
 
 def test_structure_sees_a_changed_check_column_and_index(tmp_path: Path) -> None:
-    """The comparison is real: each kind of difference changes the structure."""
+    """The comparison is real: each kind of difference (a CHECK, a column, an index,
+    a trigger) changes the structure."""
     base = tmp_path / "base.sqlite3"
     build_from_schema(base)
     changes = [
@@ -267,6 +275,7 @@ def test_structure_sees_a_changed_check_column_and_index(tmp_path: Path) -> None
         SCHEMA.replace("    reason TEXT,\n", "    reason TEXT NOT NULL DEFAULT '',\n"),
         SCHEMA.replace("CREATE INDEX files_state ON files(state);", ""),
         SCHEMA.replace("requests(state, lane, queued_at)", "requests(state, queued_at, lane)"),
+        SCHEMA.replace("AFTER DELETE ON requests", "BEFORE DELETE ON requests"),
     ]
     for number, changed in enumerate(changes):
         assert changed != SCHEMA
@@ -695,3 +704,59 @@ async def test_remote_deletes_wait_for_their_shard_to_be_final(store: Store) -> 
     await store.remote_delete_done("file-in")
     assert await store.due_remote_deletes(NOW + 5) == []
     assert [r["attempts"] for r in await store.due_remote_deletes(NOW + 10)] == [1]
+
+
+# ---- request texts and shard membership (issue 11) ------------------------------------
+
+
+async def test_migration_moves_texts_out_of_request_rows(tmp_path: Path) -> None:
+    """From schema 4, each request's text moves to `request_texts` (read back the same),
+    the request rows keep none, and members of shards already pruned are dropped."""
+    path = tmp_path / "v4.sqlite3"
+    build_to(path, 4)
+    db = sqlite3.connect(path)
+    db.executemany(
+        "INSERT INTO requests (key, input, tokens, qtokens, nbytes, lane, state, queued_at)"
+        " VALUES (?, ?, 1, 1, 1, 'batch', 'pending', 1.0)",
+        [("a", "text of a"), ("b", "\x00tokens:[1, 2]")],
+    )
+    db.execute("INSERT INTO shard_members (shard, key, tokens) VALUES ('gone', 'a', 1)")
+    db.commit()
+    db.close()
+    s = await Store.open(path)
+    try:
+        assert [(p.key, p.input) for p in await s.pending("batch", 10)] == [
+            ("a", "text of a"),
+            ("b", [1, 2]),
+        ]
+        assert list(request_inputs(path, ["b", "a"])) == [("b", [1, 2]), ("a", "text of a")]
+    finally:
+        await s.close()
+    assert peek(path, "SELECT DISTINCT input FROM requests") == [("",)]
+    assert peek(path, "SELECT * FROM shard_members") == []
+
+
+async def test_a_requests_text_goes_with_its_request(store: Store) -> None:
+    """Every way a request row is deleted takes its text along (the trigger)."""
+    await add_file(store, "j1", ["alpha", "beta"])
+    assert sorted(peek(store.path, "SELECT key, input FROM request_texts")) == [
+        ("k:alpha", "alpha"),
+        ("k:beta", "beta"),
+    ]
+    assert await store.move_file("j1", "failed", reason="x")  # the file ends: texts go
+    assert peek(store.path, "SELECT COUNT(*) FROM requests") == [(0,)]
+    assert peek(store.path, "SELECT COUNT(*) FROM request_texts") == [(0,)]
+
+
+async def test_pruning_a_shard_prunes_its_membership(store: Store) -> None:
+    """A pruned shard's member rows go with it (they grew without bound before)."""
+    await add_file(store, "j1", ["alpha", "beta"])
+    await plan(store, "s1", ["k:alpha", "k:beta"])
+    await plan(store, "s2", [])
+    assert await store.move_shard("s1", "abandoned", error="x")
+    await store.update_shard("s1", ended_at=NOW)
+    await store.prune_finished(NOW + 1)
+    assert await store.shard("s1") is None
+    assert await store.shard_members("s1") == {}
+    assert peek(store.path, "SELECT COUNT(*) FROM shard_members") == [(0,)]
+    assert await store.shard("s2") is not None  # still planned: kept

@@ -28,6 +28,7 @@ from typing import IO, Any, cast
 
 import numpy as np
 
+from embedd import memory
 from embedd.config import Settings
 from embedd.crashpoints import crash_point
 from embedd.errors import InputRejected
@@ -262,6 +263,7 @@ async def process_claimed(rt: Intake, job: str, name: str, lane: str) -> None:
     rt.log.info(
         "file.queued", file=name, job=job, lane=lane, records=count, tokens=tokens, cached=cached
     )
+    await asyncio.to_thread(memory.trim)  # the claim's batches go back to the system
 
 
 def _hash_file(f: IO[bytes], name: str, max_bytes: int) -> tuple[int, str]:
@@ -280,10 +282,13 @@ def _hash_file(f: IO[bytes], name: str, max_bytes: int) -> tuple[int, str]:
 
 
 # Records stored in one transaction (a file of up to this much text is queued in one
-# step, its texts written once), and records tokenized in one call (tiktoken's lists
-# of Python ints, 36 bytes a token, exist for one such call at a time).
+# step, its texts written once), and records tokenized in one call (their ids, 4 bytes
+# a token, exist for one such call at a time). A whole batch is one call: its runs
+# queue on the tokenizer's threads together, so of two claims one finishes first and
+# is stored while the other is tokenized (in smaller calls the two took turns and
+# finished together, leaving the tokenizer idle while both were stored).
 BATCH_CHARS = 4 << 20
-TOKENIZE_CHARS = 2 << 20
+TOKENIZE_CHARS = 4 << 20
 
 
 def _batches(records: Iterable[Record], limit: int = BATCH_CHARS) -> Iterator[list[Record]]:
@@ -350,18 +355,16 @@ def _whole_text(
 
 
 def _tokenized(rt: Intake, batch: Sequence[Record]) -> Iterator[tuple[Record, TokenIds]]:
-    """Each record with its token ids; a long text's as a compact uint32 array."""
-    limit = rt.settings.inputs_max_tokens
+    """Each record with its token ids, as a compact uint32 array."""
     for part in _batches(batch, TOKENIZE_CHARS):
         short = [r.text for r in part if len(r.text) <= PIECE_CHARS]
-        ids_of_short = iter(rt.tokenizer.encode_batch(short))
+        ids_of_short = iter(rt.tokenizer.encode_batch_compact(short))
         del short
         for record in part:
             if len(record.text) > PIECE_CHARS:
                 yield record, rt.tokenizer.encode_compact(record.text)
                 continue
-            ids = next(ids_of_short)
-            yield record, ids if len(ids) <= limit else np.asarray(ids, dtype=np.uint32)
+            yield record, next(ids_of_short)
 
 
 def _prepared_batches(

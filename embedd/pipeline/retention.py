@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from embedd import memory
 from embedd.config import Settings
 from embedd.pipeline.wakeups import Wakeups
 from embedd.state.store import Store
@@ -79,3 +80,5 @@ async def retain_once(rt: Retention, *, full: bool = True) -> None:
     if pruned:
         rt.log.info("state.files_pruned", files=pruned)
     await rt.store.checkpoint()  # finish a truncation a reader held up
+    # what a delivery, a collection or this pass freed goes back to the system
+    await asyncio.to_thread(memory.trim)

@@ -43,7 +43,7 @@ from embedd.money.budget import submission_allowed
 from embedd.openai.api import CreateOutcomeUnknown, OpenAIClient
 from embedd.openai.batchlines import encode_request_line
 from embedd.pipeline.gate import SubmissionGate
-from embedd.pipeline.planner import ShardLimits, cut_shard, should_submit
+from embedd.pipeline.planner import API_MAX_INPUTS_PER_BATCH, ShardLimits, cut_shard, should_submit
 from embedd.pipeline.supervise import Supervisor
 from embedd.pipeline.wakeups import Wakeups
 from embedd.state.states import BATCH_TERMINAL, SHARD_FINISHED, SHARD_UNSUBMITTED, SHARD_UPLOADED
@@ -255,6 +255,18 @@ async def plan_one(rt: Submitter) -> str | None:
     s = rt.settings
     headroom = rt.gate.queue_limit - await rt.store.queue_tokens_in_flight()
     if headroom <= 0:
+        return None
+    # While the whole queue fits one shard and its oldest request has not waited
+    # `flush_after`, no shard is due: known from totals, without reading every row.
+    count, nbytes, qtokens, oldest = await rt.store.pending_totals("batch")
+    if count == 0:
+        return None
+    fits = (
+        count < min(s.batch_max_lines, API_MAX_INPUTS_PER_BATCH)
+        and nbytes <= s.batch_max_bytes
+        and qtokens <= min(rt.gate.queue_limit, headroom)
+    )
+    if fits and oldest is not None and rt.clock() - oldest < s.batch_flush_after:
         return None
     pending = await rt.store.pending("batch", s.batch_max_lines, inputs=False)
     limits = ShardLimits(s.batch_max_lines, s.batch_max_bytes, rt.gate.queue_limit)

@@ -264,6 +264,23 @@ MIGRATIONS: tuple[str, ...] = (
         SELECT p.key FROM pieces p JOIN files f ON f.job = p.job
         WHERE f.state IN ('queued', 'writing'));
     """,
+    # A request's text moves to its own table (`requests.input` stays, always ''): the
+    # planner's reads and a shard's 20,000-row state update touch small rows, not pages
+    # full of texts. A request's text goes with it (the trigger), so every path that
+    # deletes a request still deletes its text (with secure_delete). And the membership
+    # of shards already pruned (it was kept forever) goes.
+    """
+    CREATE TABLE request_texts (
+        key TEXT PRIMARY KEY,
+        input TEXT NOT NULL
+    );
+    INSERT INTO request_texts (key, input) SELECT key, input FROM requests;
+    UPDATE requests SET input = '';
+    CREATE TRIGGER requests_text_gone AFTER DELETE ON requests BEGIN
+        DELETE FROM request_texts WHERE key = old.key;
+    END;
+    DELETE FROM shard_members WHERE shard NOT IN (SELECT id FROM shards);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -415,6 +432,13 @@ CREATE TABLE daemon (
     key TEXT PRIMARY KEY,
     value TEXT
 );
+CREATE TABLE request_texts (
+    key TEXT PRIMARY KEY,
+    input TEXT NOT NULL
+);
+CREATE TRIGGER requests_text_gone AFTER DELETE ON requests BEGIN
+    DELETE FROM request_texts WHERE key = old.key;
+END;
 """
 _ACTIVE_SQL = sql_in(FILE_ACTIVE)
 # Guards of the request moves written by hand below, checked against embedd.state.states
@@ -500,6 +524,9 @@ class Store:
             await db.execute("PRAGMA busy_timeout=10000")
             # Deleted texts are overwritten, not left in free pages (SPEC §9).
             await db.execute("PRAGMA secure_delete=ON")
+            # 16 MiB of pages (not 2): a shard's 20,000-row update and a claim's inserts
+            # keep their index pages cached instead of spilling and reading them again.
+            await db.execute("PRAGMA cache_size=-16384")
             await store._migrate()
             await store._resume_segments()
         except BaseException:
@@ -676,9 +703,15 @@ class Store:
             )
             # As in queue_file: an embedded text needs no request, a queued one is
             # shared, one that failed before gets a fresh chance.
+            # (a text is stored with its request, and only then: the two come and go together)
+            await tx.execute(
+                "INSERT OR IGNORE INTO request_texts (key, input) SELECT key, input FROM staged s "
+                "WHERE s.job = ? AND NOT EXISTS (SELECT 1 FROM vectors v WHERE v.key = s.key)",
+                (job,),
+            )
             await tx.execute(
                 "INSERT INTO requests (key, input, tokens, qtokens, nbytes, lane, state, queued_at) "
-                "SELECT key, input, tokens, qtokens, nbytes, ?, 'pending', ? FROM staged s "
+                "SELECT key, '', tokens, qtokens, nbytes, ?, 'pending', ? FROM staged s "
                 "WHERE s.job = ? AND NOT EXISTS (SELECT 1 FROM vectors v WHERE v.key = s.key) "
                 "ON CONFLICT(key) DO UPDATE SET state = 'pending', attempts = 0, error = NULL, "
                 "shard = NULL, queued_at = excluded.queued_at, lane = excluded.lane "
@@ -686,18 +719,7 @@ class Store:
                 (lane, now, job),
             )
             final = [] if last is None else last[2]
-            await tx.executemany(
-                "INSERT INTO requests (key, input, tokens, qtokens, nbytes, lane, state, queued_at) "
-                "SELECT ?, ?, ?, ?, ?, ?, 'pending', ? "
-                "WHERE NOT EXISTS (SELECT 1 FROM vectors WHERE key = ?) "
-                "ON CONFLICT(key) DO UPDATE SET state = 'pending', attempts = 0, error = NULL, "
-                "shard = NULL, queued_at = excluded.queued_at, lane = excluded.lane "
-                f"WHERE requests.state IN {_REVIVE}",
-                [
-                    (q.key, encode_input(q.input), q.tokens, q.qtokens, q.nbytes, lane, now, q.key)
-                    for q in final
-                ],
-            )
+            await _insert_requests(tx, final, lane, now)
             if lane == "sync":
                 await tx.execute(
                     "UPDATE requests SET lane = 'sync' WHERE state = 'pending' AND key IN "
@@ -799,11 +821,13 @@ class Store:
             await tx.execute(f"DELETE FROM records WHERE job IN ({old})", (before,))
             cur = await tx.execute(f"DELETE FROM files WHERE job IN ({old})", (before,))
             count = cur.rowcount
-            await tx.execute(
-                "DELETE FROM shards WHERE state IN ('collected', 'abandoned') "
-                "AND COALESCE(ended_at, submitted_at, created_at) < ?",
-                (before,),
+            ended = (
+                "SELECT id FROM shards WHERE state IN ('collected', 'abandoned') "
+                "AND COALESCE(ended_at, submitted_at, created_at) < ?"
             )
+            # a shard's membership goes with it
+            await tx.execute(f"DELETE FROM shard_members WHERE shard IN ({ended})", (before,))
+            await tx.execute(f"DELETE FROM shards WHERE id IN ({ended})", (before,))
         return count
 
     async def vector_bytes(self) -> int:
@@ -896,12 +920,19 @@ class Store:
     async def pending(self, lane: str, limit: int, *, inputs: bool = True) -> list[Pending]:
         """The oldest pending requests; with `inputs=False` their `input` is left empty
         (planning needs only sizes: a shard's texts are read by `request_inputs`)."""
-        column = "input" if inputs else "'' AS input"
-        rows = await self._all(
-            f"SELECT key, {column}, tokens, qtokens, nbytes, queued_at, attempts FROM requests "
-            "WHERE state = 'pending' AND lane = ? ORDER BY queued_at, key LIMIT ?",
-            (lane, limit),
-        )
+        if inputs:
+            sql = (
+                "SELECT r.key, t.input, r.tokens, r.qtokens, r.nbytes, r.queued_at, r.attempts "
+                "FROM requests r JOIN request_texts t ON t.key = r.key "
+                "WHERE r.state = 'pending' AND r.lane = ? ORDER BY r.queued_at, r.key LIMIT ?"
+            )
+        else:
+            sql = (
+                "SELECT key, '' AS input, tokens, qtokens, nbytes, queued_at, attempts "
+                "FROM requests WHERE state = 'pending' AND lane = ? "
+                "ORDER BY queued_at, key LIMIT ?"
+            )
+        rows = await self._all(sql, (lane, limit))
         return [
             Pending(
                 key=r["key"],
@@ -920,6 +951,18 @@ class Store:
             "SELECT MIN(queued_at) FROM requests WHERE state = 'pending' AND lane = ?", (lane,)
         )
         return None if row is None or row[0] is None else float(row[0])
+
+    async def pending_totals(self, lane: str) -> tuple[int, int, int, float | None]:
+        """(requests, bytes, queue tokens, oldest queued_at) of the pending requests: the
+        planner's cheap look before it reads them one by one."""
+        row = await self._one(
+            "SELECT COUNT(*), COALESCE(SUM(nbytes), 0), COALESCE(SUM(qtokens), 0), "
+            "MIN(queued_at) FROM requests WHERE state = 'pending' AND lane = ?",
+            (lane,),
+        )
+        if row is None:
+            return 0, 0, 0, None
+        return int(row[0]), int(row[1]), int(row[2]), None if row[3] is None else float(row[3])
 
     async def create_shard(
         self,
@@ -1383,6 +1426,27 @@ async def _insert_records(tx: _Tx, job: str, first: int, records: Sequence[NewRe
     )
 
 
+async def _insert_requests(tx: _Tx, requests: Sequence[NewRequest], lane: str, now: float) -> None:
+    """New pending requests and their texts. An embedded text needs no request, a
+    queued one is shared, one that failed before gets a fresh chance."""
+    if not requests:
+        return
+    await tx.executemany(
+        "INSERT OR IGNORE INTO request_texts (key, input) SELECT ?, ? "
+        "WHERE NOT EXISTS (SELECT 1 FROM vectors WHERE key = ?)",
+        [(q.key, encode_input(q.input), q.key) for q in requests],
+    )
+    await tx.executemany(
+        "INSERT INTO requests (key, input, tokens, qtokens, nbytes, lane, state, queued_at) "
+        "SELECT ?, '', ?, ?, ?, ?, 'pending', ? "
+        "WHERE NOT EXISTS (SELECT 1 FROM vectors WHERE key = ?) "
+        "ON CONFLICT(key) DO UPDATE SET state = 'pending', attempts = 0, error = NULL, "
+        "shard = NULL, queued_at = excluded.queued_at, lane = excluded.lane "
+        f"WHERE requests.state IN {_REVIVE}",
+        [(q.key, q.tokens, q.qtokens, q.nbytes, lane, now, q.key) for q in requests],
+    )
+
+
 # (key, segment, row, tokens) of rows already in their segments, and those segments.
 _Located = tuple[list[tuple[str, int, int, int | None]], list[SegmentInfo]]
 
@@ -1580,7 +1644,7 @@ def request_inputs(
             part = keys[start : start + fetch]
             marks = ",".join("?" * len(part))
             rows = dict(
-                conn.execute(f"SELECT key, input FROM requests WHERE key IN ({marks})", part)
+                conn.execute(f"SELECT key, input FROM request_texts WHERE key IN ({marks})", part)
             )
             for key in part:
                 if key in rows:
@@ -1602,10 +1666,15 @@ class _Tx:
         await self._db.executemany(sql, rows)
 
     async def executescript_in_tx(self, script: str) -> None:
-        # executescript() would COMMIT first; run the statements one by one instead.
-        for statement in script.split(";"):
-            if statement.strip():
-                await self._db.execute(statement)
+        # executescript() would COMMIT first; run the statements one by one instead
+        # (a trigger's body holds semicolons: a statement ends where SQLite says it does).
+        statement = ""
+        for part in script.split(";"):
+            statement += part + ";"
+            if sqlite3.complete_statement(statement):
+                if statement.strip(" \n;"):
+                    await self._db.execute(statement)
+                statement = ""
 
 
 def _decode_input(raw: str) -> str | list[int]:
