@@ -18,6 +18,7 @@ from embedd.pipeline.planner import (
     queue_tokens_estimate,
     should_submit,
 )
+from embedd.pipeline.submitter import plan_interval
 
 
 @dataclass(frozen=True)
@@ -245,3 +246,14 @@ def test_learn_queue_limit_reads_openai_message() -> None:
 def test_learn_queue_limit_is_none_without_a_number(message: str, limit: int | None) -> None:
     """A message without "Limit: N" teaches nothing; one with it gives N."""
     assert learn_queue_limit(message) == limit
+
+
+@pytest.mark.parametrize(
+    ("flush_after", "interval"), [(60.0, 1.0), (1.0, 1.0), (0.2, 0.2), (0.0, 0.05)]
+)
+def test_the_planner_wakes_in_time_for_a_short_flush_after(
+    flush_after: float, interval: float
+) -> None:
+    """Between passes the planner sleeps at most a second, and no longer than
+    `flush_after` (so a 0.2 s setting is not a second in practice), never spinning."""
+    assert plan_interval(flush_after) == interval

@@ -215,7 +215,17 @@ async def submit_loop(rt: Submitter) -> None:
             await rt.gate.pause(exc.message)
         except TransientError as exc:
             rt.log.warning("submit.retry_later", error=exc.message)
-        await rt.wake.wait("plan", 1.0)
+        await rt.wake.wait("plan", plan_interval(rt.settings.batch_flush_after))
+
+
+PLAN_INTERVAL = 1.0  # the longest the planner sleeps between passes
+
+
+def plan_interval(flush_after: float) -> float:
+    """How long the planner sleeps between passes when nothing wakes it: a second,
+    or less when `[batch] flush_after` is shorter, so a partial shard leaves when it is
+    due and not up to a second late (intake's wake-up comes before it is due)."""
+    return min(PLAN_INTERVAL, max(0.05, flush_after))
 
 
 async def submit_once(rt: Submitter) -> None:
