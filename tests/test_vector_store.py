@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from embedd.state import store as store_module
-from embedd.state.store import NewRecord, NewRequest, Store, piece_vectors
+from embedd.state.store import Store, piece_vectors
 from embedd.state.vectors import SegmentReader, SegmentWriter, segment_files
+from tests.test_store import add_file
 
 NOW = 1_700_000_000.0
 DIMS = 4
@@ -26,15 +27,6 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
         yield s
     finally:
         await s.close()
-
-
-async def add_file(store: Store, job: str, keys: list[str]) -> None:
-    await store.begin_claim(job, f"{job}.jsonl", "batch", NOW)
-    await store.queue_file(
-        job, sha256="0" * 64, size=1, lane="batch", now=NOW,
-        records=[NewRecord(k, None, 1, [(k, 1)], cached=False) for k in keys],
-        requests=[NewRequest(k, f"text {k}", 1, 1, 1) for k in keys],
-    )  # fmt: skip
 
 
 def indexed(store: Store) -> set[str]:
@@ -75,8 +67,9 @@ async def test_a_group_is_indexed_only_when_flushed(
     group reaches its bytes; a full group is indexed in the background, in order
     (the next full group waits for it); the rest when the block ends."""
     monkeypatch.setattr(store_module, "GROUP_BYTES", 4 * DIMS * 4)
-    keys = [f"k{i}" for i in range(10)]
-    await add_file(store, "job1", keys)
+    texts = [f"t{i}" for i in range(10)]
+    keys = [f"k:{t}" for t in texts]
+    await add_file(store, "job1", texts)
     data = rows(10)
     batch = [(k, data[i], 1) for i, k in enumerate(keys)]
     async with store.vector_writer(origin="b1", clock=lambda: NOW) as writer:
@@ -95,10 +88,11 @@ async def test_an_error_leaves_the_group_unindexed_and_sweepable(store: Store) -
     """A collection that fails mid-group indexes nothing of that group; its rows are
     dead space, and the next prune sweeps the segment files no index row names."""
     await add_file(store, "job1", ["a", "b", "c", "d"])
+    keys = [f"k:{t}" for t in "abcd"]
 
     async def collect_and_break() -> None:
         async with store.vector_writer(origin="b1", clock=lambda: NOW) as writer:
-            await writer.add([(k, rows(1, i)[0], 1) for i, k in enumerate("abcd")])
+            await writer.add([(k, rows(1, i)[0], 1) for i, k in enumerate(keys)])
             raise RuntimeError("download broke")
 
     with pytest.raises(RuntimeError):
@@ -112,8 +106,8 @@ async def test_segments_of_a_group_in_flight_are_never_swept(store: Store) -> No
     """A prune that runs while a collection's group is written but not yet indexed
     (full segments no index row names yet) leaves those files alone, so the rows the
     group then indexes are still there to read."""
-    keys = list("abcdefg")
-    await add_file(store, "job1", keys)
+    await add_file(store, "job1", list("abcdefg"))
+    keys = [f"k:{t}" for t in "abcdefg"]
     data = rows(7)
     async with store.vector_writer(origin="b1", clock=lambda: NOW) as writer:
         await writer.add([(k, data[i], 1) for i, k in enumerate(keys)])

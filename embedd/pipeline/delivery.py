@@ -84,16 +84,14 @@ async def deliver_ready(rt: Delivery) -> int:
 
 async def _give_up(rt: Delivery, row: Any, reason: str) -> None:
     """A delivery that failed for good (SPEC §8): the input goes to failed/."""
-    job, name = row["job"], row["name"]
+    await _refuse(rt, row, InputRejected(reason))
+
+
+async def _refuse(rt: Delivery, row: Any, exc: InputRejected) -> None:
+    """The file's input to failed/ with `exc` as the reason."""
+    job = row["job"]
     await refuse(
-        rt.store,
-        rt.paths,
-        rt.log,
-        job,
-        name,
-        rt.paths.work / job,
-        InputRejected(reason),
-        row["sha256"],
+        rt.store, rt.paths, rt.log, job, row["name"], rt.paths.work / job, exc, row["sha256"]
     )
 
 
@@ -114,16 +112,7 @@ async def deliver(rt: Delivery, row: Any) -> None:
             f"{name}: {len(errors)} of {len(records)} record(s) could not be embedded; "
             f"first: {errors[0]['id']!r}: {errors[0]['error']}"
         )
-        await refuse(
-            rt.store,
-            rt.paths,
-            rt.log,
-            job,
-            name,
-            work,
-            InputRejected(reason, records=errors),
-            row["sha256"],
-        )
+        await _refuse(rt, row, InputRejected(reason, records=errors))
         return
     chunks = [0] * len(records)
     for p in pieces:
