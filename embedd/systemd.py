@@ -188,7 +188,11 @@ async def watchdog_loop(
     while True:
         ok = False
         try:
-            ok = await asyncio.wait_for(probe(), timeout=interval)
+            # `asyncio.timeout`, not `wait_for`: the probe runs in this task, so a
+            # cancel that lands as the probe answers is never swallowed (3.11's
+            # `wait_for` returns the probe's answer then, and the loop ran forever).
+            async with asyncio.timeout(interval):
+                ok = await probe()
         except TimeoutError:
             reason = "the health probe did not answer in time"
         except Exception as exc:  # any failure of the probe is "unhealthy", never fatal here

@@ -202,6 +202,33 @@ async def test_watchdog_pings_only_while_probe_succeeds(
             await task
 
 
+async def test_watchdog_loop_stops_when_cancelled_as_its_probe_answers(
+    receiver: tuple[socket.socket, str],
+) -> None:
+    """A cancel that arrives while the probe is answering stops the loop (the daemon's
+    shutdown cancels it): it is not swallowed, so the loop does not run on forever."""
+    _, path = receiver
+    n = Notifier.from_env({"NOTIFY_SOCKET": path})
+    cancelling = True
+    task: asyncio.Task[None] | None = None
+
+    async def probe() -> bool:
+        await asyncio.sleep(0)
+        if cancelling and task is not None:
+            task.cancel()  # lands while the probe's answer is on its way back
+        return True
+
+    task = asyncio.create_task(watchdog_loop(n, probe, 0.01))
+    try:
+        done, _ = await asyncio.wait({task}, timeout=DEADLINE)
+        assert task in done
+        assert task.cancelled()
+    finally:
+        cancelling = False
+        task.cancel()
+        await asyncio.wait({task}, timeout=DEADLINE)
+
+
 async def test_watchdog_withholds_ping_when_probe_hangs(
     receiver: tuple[socket.socket, str],
 ) -> None:

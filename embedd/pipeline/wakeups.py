@@ -23,5 +23,6 @@ class Wakeups:
         """Return when kicked or after `seconds`, whichever is first."""
         event = self._event(name)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), seconds)
+            async with asyncio.timeout(seconds):  # (not wait_for: never swallows a cancel)
+                await event.wait()
         event.clear()
