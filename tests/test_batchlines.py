@@ -345,7 +345,7 @@ def test_plain_output_line_takes_the_fast_path() -> None:
     line = output_line("r1", b64(vector))
     split = _split_embedding(line)
     assert split is not None
-    assert _fast_vector(split[1], 3072) is not None
+    assert _fast_vector(line[split[1] : split[2]], 3072) is not None
     assert np.array_equal(parse_output_line(line, 3072).vector, vector)
 
 

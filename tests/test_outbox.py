@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from embedd.files import outbox
 from embedd.files.outbox import RowStream, finish_input, write_failure, write_result
 from embedd.files.spool import SpoolPaths, atomic_write
 
@@ -59,6 +60,30 @@ def test_streamed_rows_give_the_same_npy_as_an_array(spool: SpoolPaths) -> None:
     streamed = write_result(spool, "s.txt", "J1", RowStream((5, 8), lambda: iter(v)), manifest())
     whole = write_result(spool, "w.txt", "J2", v, manifest("w.txt"))
     assert streamed.read_bytes() == whole.read_bytes()
+
+
+def test_rows_and_blocks_mixed_give_the_same_npy(
+    spool: SpoolPaths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Single rows, small blocks (gathered) and big blocks (written as they come) in
+    one stream make exactly the .npy the whole array gives; a non-finite value in a
+    big block is reported at its own row number, and no .npy is left."""
+    monkeypatch.setattr(outbox, "STREAM_BLOCK_BYTES", 3 * 8 * 4)
+    monkeypatch.setattr(outbox, "DIRECT_BYTES", 4 * 8 * 4)
+    v = vectors(16, 8).astype(np.float32)
+    parts = [v[0], v[1:3], v[3:8], v[8], v[9:10], v[10:15], v[15]]  # 1, 2, 5, 1, 1, 5, 1
+    streamed = write_result(
+        spool, "s.txt", "J1", RowStream((16, 8), lambda: iter(parts)), manifest()
+    )
+    whole = write_result(spool, "w.txt", "J2", v, manifest("w.txt"))
+    assert streamed.read_bytes() == whole.read_bytes()
+
+    bad = v.copy()
+    bad[12, 3] = np.inf
+    parts = [bad[:2], bad[2], bad[3:16]]
+    with pytest.raises(ValueError, match="row 12 is not finite"):
+        write_result(spool, "b.txt", "J3", RowStream((16, 8), lambda: iter(parts)), manifest())
+    assert not (spool.outbox / "b.txt.npy").exists()
 
 
 @pytest.mark.parametrize(

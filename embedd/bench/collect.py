@@ -68,7 +68,7 @@ def embedd_side(args: dict[str, Any]) -> dict[str, Any]:
     Untimed set-up: one file of ``lines`` records queued in a fresh ``Store``. Timed:
     the collector's slice loop over the base64 output (``collector.parsed_slices``),
     each slice stored through ``Store.vector_writer`` as the collector does, then the
-    delivery's streaming write (``store.piece_vectors`` → ``delivery.record_rows`` →
+    delivery's streaming write (``store.piece_blocks`` → ``delivery.record_rows`` →
     ``outbox.write_result`` with a ``RowStream``), fsynced.
     """
     return asyncio.run(_embedd_side(args))
@@ -79,7 +79,7 @@ async def _embedd_side(args: dict[str, Any]) -> dict[str, Any]:
     from embedd.files.spool import SpoolPaths
     from embedd.pipeline.collector import READ_BUFFER, parsed_slices
     from embedd.pipeline.delivery import record_rows
-    from embedd.state.store import NewRecord, NewRequest, Store, piece_vectors
+    from embedd.state.store import NewRecord, NewRequest, Store, piece_blocks
 
     order = _order(Path(args["requests"]))
     dims = int(args["dims"])
@@ -104,7 +104,7 @@ async def _embedd_side(args: dict[str, Any]) -> dict[str, Any]:
                 await vectors.add(good)
     rows = RowStream(
         (len(keys), dims),
-        functools.partial(record_rows, piece_vectors(store.path, "job_bench")),
+        functools.partial(record_rows, piece_blocks(store.path, "job_bench")),
     )
     npy = await asyncio.to_thread(
         write_result, paths, "bench.jsonl", "job_bench", rows, {"source": "bench.jsonl"}

@@ -73,7 +73,8 @@ def _with_job(doc: dict[str, Any], job: str, what: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class RowStream:
-    """A result too large to hold twice: its shape, and rows produced one at a time."""
+    """A result too large to hold twice: its shape, and its rows as they are produced,
+    each a row (1-D) or a block of consecutive rows (2-D)."""
 
     shape: tuple[int, int]
     rows: Callable[[], Iterator[npt.NDArray[np.floating]]]
@@ -86,43 +87,57 @@ def _npy_writer(array: npt.NDArray[np.float32]) -> Writer:
     return write
 
 
-STREAM_BLOCK_BYTES = 8 << 20  # rows are gathered into blocks of about this size
+STREAM_BLOCK_BYTES = 8 << 20  # single rows and small blocks are gathered to this size
+DIRECT_BYTES = 1 << 20  # a block of rows this big is written as it comes
 
 
 def _npy_stream_writer(stream: RowStream) -> Writer:
-    """Write the `.npy` header, then the rows as they come, gathered into blocks of a
-    few MB (one finiteness check and one write per block); check count, size, finiteness."""
+    """Write the `.npy` header, then the rows as they come: a block of at least
+    `DIRECT_BYTES` straight through, single rows and smaller blocks gathered into
+    blocks of a few MB first (one finiteness check and one write per block); check
+    count, size, finiteness."""
     n, d = stream.shape
 
     def write(f: BinaryIO) -> None:
         header = {"descr": np.dtype(np.float32).str, "fortran_order": False, "shape": (n, d)}
         npy_format.write_array_header_1_0(f, header)
-        block = np.empty((max(1, min(n, STREAM_BLOCK_BYTES // max(1, 4 * d))), d), np.float32)
-        count = filled = 0
+        staging = np.empty((max(1, min(n, STREAM_BLOCK_BYTES // max(1, 4 * d))), d), np.float32)
+        count = filled = 0  # rows taken, rows of them waiting in `staging`
 
-        def flush() -> None:
-            bad = ~np.isfinite(block[:filled]).all(axis=1)
+        def put(rows: npt.NDArray[np.floating], first: int) -> None:
+            bad = ~np.isfinite(rows).all(axis=1)
             if bad.any():
-                raise ValueError(f"row {count - filled + int(np.argmax(bad))} is not finite")
-            f.write(block[:filled].data.cast("B"))
+                raise ValueError(f"row {first + int(np.argmax(bad))} is not finite")
+            f.write(np.ascontiguousarray(rows, dtype=np.float32).data.cast("B"))
             f.flush()
             # Start the disk writing these bytes now (and drop them from the page cache
             # once written), so the final fsync finds little left to do.
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
-        for row in stream.rows():
-            if np.shape(row) != (d,):
-                raise ValueError(f"row {count} has shape {np.shape(row)}, expected ({d},)")
-            if count >= n:
+        for item in stream.rows():
+            shape = np.shape(item)
+            rows = item if len(shape) == 2 else np.reshape(item, (1, -1)) if shape else None
+            if rows is None or rows.shape[1] != d:
+                raise ValueError(f"row {count} has shape {shape[-1:]}, expected ({d},)")
+            if count + len(rows) > n:
                 raise ValueError(f"more than {n} rows for a result of {n} records")
-            block[filled] = row
-            filled += 1
-            count += 1
-            if filled == len(block):
-                flush()
-                filled = 0
+            if len(rows) * d * 4 >= DIRECT_BYTES:
+                if filled:
+                    put(staging[:filled], count - filled)
+                    filled = 0
+                put(rows, count)
+                count += len(rows)
+                continue
+            done = 0
+            while done < len(rows):
+                take = min(len(rows) - done, len(staging) - filled)
+                staging[filled : filled + take] = rows[done : done + take]
+                filled, done, count = filled + take, done + take, count + take
+                if filled == len(staging):
+                    put(staging, count - filled)
+                    filled = 0
         if filled:
-            flush()
+            put(staging[:filled], count - filled)
         if count != n:
             raise ValueError(f"{count} rows for a result of {n} records")
 

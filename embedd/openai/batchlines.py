@@ -178,8 +178,8 @@ def parse_output_line(line: bytes, dimensions: int) -> LineResult:
     """
     split = _split_embedding(line)
     if split is not None:
-        obj, encoded = split
-        vector = _fast_vector(encoded, dimensions)
+        obj, start, end = split
+        vector = _fast_vector(memoryview(line)[start:end], dimensions)
         if vector is not None:
             return _interpret(obj, dimensions, vector)
     try:
@@ -189,8 +189,9 @@ def parse_output_line(line: bytes, dimensions: int) -> LineResult:
     return _interpret(obj, dimensions, None)
 
 
-def _split_embedding(line: bytes) -> tuple[Any, bytes] | None:
-    """The line parsed with its embedding string cut out, and that string's bytes.
+def _split_embedding(line: bytes) -> tuple[Any, int, int] | None:
+    """The line parsed with its embedding string cut out, and where that string's
+    bytes are: ``line[start:end]``.
 
     None when the line is not the plain shape: no ``"embedding": "…"``, an escape
     inside the string, invalid JSON, or the cut string not at
@@ -207,8 +208,7 @@ def _split_embedding(line: bytes) -> tuple[Any, bytes] | None:
     end = line.find(b'"', start)
     if end < 0:
         return None
-    encoded = line[start:end]
-    if b"\\" in encoded:
+    if line.find(b"\\", start, end) >= 0:
         return None
     try:
         obj = orjson.loads(b"".join((line[: start - 1], _PLACEHOLDER, line[end + 1 :])))
@@ -219,10 +219,10 @@ def _split_embedding(line: bytes) -> tuple[Any, bytes] | None:
             return None
     except (KeyError, IndexError, TypeError):
         return None
-    return obj, encoded
+    return obj, start, end
 
 
-def _fast_vector(encoded: bytes, dimensions: int) -> Vector | None:
+def _fast_vector(encoded: bytes | memoryview, dimensions: int) -> Vector | None:
     """The vector in ``encoded`` if it passes every check, else None (no reason given).
 
     Accepts a subset of what :func:`decode_embedding` accepts, with the same result:

@@ -13,8 +13,7 @@ import asyncio
 import functools
 import itertools
 import json
-import operator
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,7 +35,7 @@ from embedd.money.ledger import format_ts
 from embedd.money.prices import lane_cost
 from embedd.pipeline.supervise import Supervisor
 from embedd.pipeline.wakeups import Wakeups
-from embedd.state.store import Store, piece_vectors
+from embedd.state.store import Store, piece_blocks
 from embedd.tokens import combine_chunks
 
 
@@ -120,7 +119,7 @@ async def deliver(rt: Delivery, row: Any) -> None:
     origins = {p["origin"] for p in pieces if p["origin"]}
     rows = RowStream(
         (len(records), rt.settings.openai_dimensions),
-        functools.partial(record_rows, piece_vectors(rt.store.path, job)),
+        functools.partial(record_rows, piece_blocks(rt.store.path, job)),
     )
     s = rt.settings
     billed = sum(r["tokens"] for r in records if not r["cached"])
@@ -174,14 +173,24 @@ def _record_entry(r: Any, chunks: int) -> dict[str, Any]:
 
 
 def record_rows(
-    pieces: Iterator[tuple[int, int, npt.NDArray[np.float32]]],
+    blocks: Iterable[tuple[Sequence[int], Sequence[int], npt.NDArray[np.float32]]],
 ) -> Iterator[npt.NDArray[np.float32]]:
-    """One row per record from its pieces in order: a record of several chunks becomes
-    their token-weighted mean, re-normalised (SPEC §2, `long = "average"`)."""
-    for _, group in itertools.groupby(pieces, key=operator.itemgetter(0)):
-        parts = list(group)
-        if len(parts) == 1:
-            yield parts[0][2]
-        else:
-            vectors = np.stack([v for _, _, v in parts])
-            yield combine_chunks(vectors, [t for _, t, _ in parts])
+    """One row per record, in order, from its pieces' blocks (`store.piece_blocks`,
+    which never splits a record between blocks): a record of several chunks becomes
+    their token-weighted mean, re-normalised (SPEC §2, `long = "average"`). A block of
+    one-piece records comes out whole."""
+    for idxs, tokens, block in blocks:
+        if all(a < b for a, b in itertools.pairwise(idxs)):
+            yield block
+            continue
+        for _, group in itertools.groupby(zip(idxs, tokens, block, strict=True), key=_first):
+            parts = list(group)
+            if len(parts) == 1:
+                yield parts[0][2]
+            else:
+                vectors = np.stack([v for _, _, v in parts])
+                yield combine_chunks(vectors, [t for _, t, _ in parts])
+
+
+def _first(piece: tuple[int, int, npt.NDArray[np.float32]]) -> int:
+    return piece[0]

@@ -8,7 +8,7 @@ see `store.py`); this module only writes and reads rows.
 One `SegmentWriter` per state directory appends rows to the active segment: a
 slice's rows are gathered into one block and written with `pwrite` (one system call
 per segment touched), then `fdatasync`ed, so a 0.8 GB output file is never held in
-memory beyond one slice and nothing is mapped. A row is durable before `write`
+memory beyond one slice. A row is durable before `write`
 returns; the caller commits the index rows that point to it only after that (crash
 order: segment bytes, then index). A row written but never indexed is dead space in
 its segment, reclaimed when the segment is dropped.
@@ -253,9 +253,9 @@ def _block(vectors: Sequence[VectorLike] | npt.NDArray[np.float32]) -> npt.NDArr
 
 
 class SegmentReader:
-    """Reads rows by (segment, row, dims) with `pread`: nothing is mapped or cached
-    beyond the open file descriptors, so memory stays flat however much is read.
-    `rows` reads a run of consecutive rows in one call."""
+    """Reads rows by (segment, row, dims): nothing is kept beyond the open file
+    descriptors, so memory stays flat however much is read. `rows` reads a run of
+    consecutive rows in one `pread`; `gather` reads rows in any order into one block."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -263,9 +263,7 @@ class SegmentReader:
 
     def rows(self, segment: int, first: int, count: int, dims: int) -> npt.NDArray[np.float32]:
         """Rows [first, first + count) of `segment` as a (count x dims) block."""
-        fd = self._fds.get(segment)
-        if fd is None:
-            fd = self._fds[segment] = os.open(segment_path(self.root, segment), os.O_RDONLY)
+        fd = self._fd(segment)
         size = dims * 4
         block = np.empty((count, dims), dtype="<f4")
         view = block.data.cast("B")
@@ -278,6 +276,23 @@ class SegmentReader:
                 )
             done += n
         return block
+
+    def gather(self, places: Sequence[tuple[int, int]], dims: int) -> npt.NDArray[np.float32]:
+        """The rows at `places`, (segment, row) pairs in any order, as one block in that
+        order (a batch answers in any order, so a file's rows are scattered over its
+        segments): one `pread` a row, straight into the block."""
+        out = np.empty((len(places), dims), dtype="<f4")
+        size = dims * 4
+        for i, (segment, row) in enumerate(places):
+            if os.preadv(self._fd(segment), [out[i].data.cast("B")], row * size) != size:
+                raise OSError(f"segment {segment} is shorter than its index says (row {row})")
+        return out
+
+    def _fd(self, segment: int) -> int:
+        fd = self._fds.get(segment)
+        if fd is None:
+            fd = self._fds[segment] = os.open(segment_path(self.root, segment), os.O_RDONLY)
+        return fd
 
     def row(self, segment: int, row: int, dims: int) -> npt.NDArray[np.float32]:
         block = self.rows(segment, row, 1, dims)
