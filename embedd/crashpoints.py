@@ -8,6 +8,7 @@ daemon with it, restart it without, and check that nothing was lost or paid twic
 The points, in pipeline order:
 
     after_claim            inbox/NAME renamed to work/JOB, not yet parsed or queued
+    during_plan            a shard's batch file durable under its name, the shard not yet recorded
     after_upload           the shard's file uploaded, its file id not yet recorded
     after_batch_create     the batch created at OpenAI, its id not yet recorded
     during_download        the first chunk of a batch's output file on disk, the rest not
@@ -53,6 +54,7 @@ ENV = "EMBEDD_CRASH_AT"
 POINTS = frozenset(
     {
         "after_claim",
+        "during_plan",
         "after_upload",
         "after_batch_create",
         "during_download",

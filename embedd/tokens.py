@@ -33,6 +33,7 @@ TokenIds = list[int] | npt.NDArray[np.uint32]
 # Texts longer than this are tokenized piece by piece (bounded memory).
 PIECE_CHARS = 1 << 20
 _POOL_LOCK = threading.Lock()
+_EOT = "<|endoftext|>"
 
 
 class Tokenizer:
@@ -48,6 +49,10 @@ class Tokenizer:
         self.name = encoding_name
         self._threads = threads or min(8, os.cpu_count() or 1)
         self._executor: ThreadPoolExecutor | None = None  # made on first use, kept
+        # The id of `<|endoftext|>` as a special token (None if the encoding has none).
+        self._eot: int | None = (
+            self._enc.encode_single_token(_EOT) if _EOT in self._enc.special_tokens_set else None
+        )
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; `<|endoftext|>` and friends are encoded as ordinary text."""
@@ -73,15 +78,40 @@ class Tokenizer:
         tokenizing costs about what tiktoken's own work does. Same ids as `encode`.
         """
         if len(texts) < 2 or self._threads < 2:
-            return [self._compact(t) for t in texts]
+            return self._compact_many(texts)
         pool = self._pool()
         runs = self._threads * 4  # a few runs a thread, so one slow run does not idle the rest
         bounds = [len(texts) * i // runs for i in range(runs + 1)]
         parts = [texts[a:b] for a, b in itertools.pairwise(bounds) if b > a]
         out: list[npt.NDArray[np.uint32]] = []
-        for ids in pool.map(lambda part: [self._compact(t) for t in part], parts):
+        for ids in pool.map(self._compact_many, parts):
             out.extend(ids)
         return out
+
+    def _compact_many(self, texts: Sequence[str]) -> list[npt.NDArray[np.uint32]]:
+        """Token ids of each of `texts` from one call into tiktoken, not one a text.
+
+        A call gives up the GIL for tiktoken's work and must take it back to return:
+        a text at a time, a tokenizing thread waited for the GIL after every text
+        while the claim's Python held it, and its core idled. The texts are joined by
+        `<|endoftext|>` encoded as the special token: tiktoken encodes the stretch
+        between two special tokens on its own, exactly as `encode` would encode that
+        text alone, and an ordinary encoding never yields the special token's id, so
+        cutting at that id gives each text's ids. A run holding a text that contains
+        `<|endoftext|>` itself (plain text to embedd) is encoded a text at a time.
+        """
+        eot = self._eot
+        if len(texts) < 2 or eot is None or any(_EOT in t for t in texts):
+            return [self._compact(t) for t in texts]
+        ids = self._enc.encode_to_numpy(
+            _EOT.join(texts), allowed_special={_EOT}, disallowed_special=()
+        )
+        cuts = np.flatnonzero(ids == eot)
+        if len(cuts) != len(texts) - 1:  # (cannot happen; never guess)
+            return [self._compact(t) for t in texts]
+        starts = [0, *(cuts + 1).tolist()]
+        ends = [*cuts.tolist(), len(ids)]
+        return [ids[a:b] for a, b in zip(starts, ends, strict=True)]
 
     def _compact(self, text: str) -> npt.NDArray[np.uint32]:
         # disallowed_special=() with no special allowed: `<|endoftext|>` is plain text

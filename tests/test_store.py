@@ -560,6 +560,43 @@ async def test_results_collect_the_shard_and_write_one_ledger_row(store: Store) 
     assert await store.unwritten_ledger() == []
 
 
+async def test_a_shard_commits_only_once_its_file_is_durable(store: Store) -> None:
+    """`create_shard(before_commit=...)`: while the file is still being made durable the
+    shard is not visible to another connection; if that fails, nothing of the shard
+    is recorded and its requests stay pending."""
+    await add_file(store, "job1", ["a", "b"])
+    waiting, settled = asyncio.Event(), asyncio.Event()
+
+    async def file_made_durable() -> None:
+        waiting.set()  # the shard's statements have run, uncommitted
+        await settled.wait()
+
+    creating = asyncio.ensure_future(
+        store.create_shard(
+            "s1", path=Path("s1.jsonl"), keys=["k:a", "k:b"], nbytes=1, tokens=1, qtokens=1,
+            now=NOW, before_commit=file_made_durable(),
+        )
+    )  # fmt: skip
+    await waiting.wait()
+    assert peek(store.path, "SELECT id FROM shards") == []
+    assert request_row(store, "k:a")[0] == "pending"  # (as another connection sees it)
+    settled.set()
+    await creating
+    assert peek(store.path, "SELECT id, state FROM shards") == [("s1", "planned")]
+
+    async def file_lost() -> None:
+        raise OSError("disk went away")
+
+    await add_file(store, "job2", ["c"])
+    with pytest.raises(OSError, match="disk went away"):
+        await store.create_shard(
+            "s2", path=Path("s2.jsonl"), keys=["k:c"], nbytes=1, tokens=1, qtokens=1, now=NOW,
+            before_commit=file_lost(),
+        )  # fmt: skip
+    assert peek(store.path, "SELECT id FROM shards ORDER BY id") == [("s1",)]
+    assert request_row(store, "k:c")[0] == "pending"
+
+
 async def test_add_vectors_is_idempotent(store: Store) -> None:
     """Storing a vector twice keeps the first and one row; its request is done."""
     await add_file(store, "job1", ["a"])

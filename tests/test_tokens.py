@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from embedd.errors import ConfigError, InputRejected
 from embedd.tokens import Chunk, Tokenizer, combine_chunks, plan_chunks
@@ -37,6 +40,33 @@ def test_batch_encode_equals_single_encode(tok: Tokenizer) -> None:
     assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
     assert tok.count_batch(texts) == [tok.count(t) for t in texts]
     assert tok.encode_batch([]) == []
+
+
+_PLAIN = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40)
+_NEAR_SPECIAL = st.sampled_from(
+    ["", " ", "  ", "\n", " \n ", "'s", "123", "<|endoftext|>", "a<|endoftext|>b", "<|fim_prefix|>"]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    texts=st.lists(
+        st.one_of(_PLAIN, _NEAR_SPECIAL, st.tuples(_PLAIN, _NEAR_SPECIAL).map("".join)), max_size=24
+    )
+)
+def test_compact_batch_gives_each_texts_own_ids(texts: list[str]) -> None:
+    """encode_batch_compact (texts joined into one tiktoken call per run) gives, for any
+    texts (spaces at the edges, empty ones, special tokens' names as plain text), exactly
+    the ids of encoding each text alone."""
+    tok = _shared_tokenizer()
+    got = tok.encode_batch_compact(texts)
+    assert [ids.tolist() for ids in got] == [tok.encode(t) for t in texts]
+    assert all(ids.dtype == np.uint32 for ids in got)
+
+
+@functools.cache
+def _shared_tokenizer() -> Tokenizer:
+    return Tokenizer(threads=2)
 
 
 def test_tokenizer_is_safe_across_threads(tok: Tokenizer) -> None:

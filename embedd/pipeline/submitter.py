@@ -289,16 +289,29 @@ async def plan_one(rt: Submitter) -> str | None:
     shard = new_id("shard")
     chosen = {k for k in cut.keys}
     path = shards_dir(rt) / f"{shard}.jsonl"
-    await asyncio.to_thread(_write_shard, rt, path, [p.key for p in pending if p.key in chosen])
-    await rt.store.create_shard(
-        shard,
-        path=path,
-        keys=cut.keys,
-        nbytes=cut.nbytes,
-        tokens=cut.tokens,
-        qtokens=cut.qtokens,
-        now=rt.clock(),
-    )
+    part = path.with_name(path.name + ".part")
+    await asyncio.to_thread(_write_shard, rt, part, [p.key for p in pending if p.key in chosen])
+    # The file is made durable (and named) while the shard's rows are written, and
+    # the transaction commits only once it is: the disk's wait overlaps the database
+    # work, and a shard is never recorded without its file. A crash in between leaves
+    # a file no shard names, which the next start sweeps.
+    durable = asyncio.ensure_future(asyncio.to_thread(_settle_shard, part, path))
+    try:
+        await rt.store.create_shard(
+            shard,
+            path=path,
+            keys=cut.keys,
+            nbytes=cut.nbytes,
+            tokens=cut.tokens,
+            qtokens=cut.qtokens,
+            now=rt.clock(),
+            before_commit=durable,
+        )
+    finally:
+        if not durable.done():
+            await asyncio.wait([durable])  # its thread renames the file: let it finish
+        if not durable.cancelled():
+            durable.exception()  # retrieved: the transaction's own error is the one raised
     rt.log.info(
         "shard.planned",
         shard=shard,
@@ -310,18 +323,26 @@ async def plan_one(rt: Submitter) -> str | None:
     return shard
 
 
-def _write_shard(rt: Submitter, path: Path, keys: list[str]) -> None:
+def _write_shard(rt: Submitter, part: Path, keys: list[str]) -> None:
+    """Write the batch file's lines to `part` (not yet synced: see `_settle_shard`)."""
     s = rt.settings
-    path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(path.name + ".part")
+    part.parent.mkdir(parents=True, exist_ok=True)
     with part.open("wb") as f:
         # the texts are read a few hundred at a time, never the whole shard's at once
         for key, value in request_inputs(rt.store.path, keys):
             f.write(encode_request_line(key, value, s.openai_model, s.send_dimensions))
-        f.flush()
-        os.fsync(f.fileno())
+
+
+def _settle_shard(part: Path, path: Path) -> None:
+    """Make the written `part` durable under its final name."""
+    fd = os.open(part, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     part.rename(path)
     fsync_dir(path.parent)
+    crash_point("during_plan")  # (the transaction recording the shard waits for this)
 
 
 async def advance(rt: Submitter, shard: str) -> None:
