@@ -290,12 +290,13 @@ async def plan_one(rt: Submitter) -> str | None:
     chosen = {k for k in cut.keys}
     path = shards_dir(rt) / f"{shard}.jsonl"
     part = path.with_name(path.name + ".part")
-    await asyncio.to_thread(_write_shard, rt, part, [p.key for p in pending if p.key in chosen])
-    # The file is made durable (and named) while the shard's rows are written, and
-    # the transaction commits only once it is: the disk's wait overlaps the database
-    # work, and a shard is never recorded without its file. A crash in between leaves
-    # a file no shard names, which the next start sweeps.
-    durable = asyncio.ensure_future(asyncio.to_thread(_settle_shard, part, path))
+    keys = [p.key for p in pending if p.key in chosen]
+    # The file is written and made durable (and named) while the shard's rows are
+    # written, and the transaction commits only once it is: the two overlap (the
+    # file in this thread, the rows in the database's), and a shard is never recorded
+    # without its file. A crash in between leaves a file no shard names, which the
+    # next start sweeps.
+    durable = asyncio.ensure_future(asyncio.to_thread(_write_shard, rt, part, path, keys))
     try:
         await rt.store.create_shard(
             shard,
@@ -323,23 +324,16 @@ async def plan_one(rt: Submitter) -> str | None:
     return shard
 
 
-def _write_shard(rt: Submitter, part: Path, keys: list[str]) -> None:
-    """Write the batch file's lines to `part` (not yet synced: see `_settle_shard`)."""
+def _write_shard(rt: Submitter, part: Path, path: Path, keys: list[str]) -> None:
+    """Write the batch file's lines to `part`, then make it durable as `path`."""
     s = rt.settings
     part.parent.mkdir(parents=True, exist_ok=True)
     with part.open("wb") as f:
         # the texts are read a few hundred at a time, never the whole shard's at once
         for key, value in request_inputs(rt.store.path, keys):
             f.write(encode_request_line(key, value, s.openai_model, s.send_dimensions))
-
-
-def _settle_shard(part: Path, path: Path) -> None:
-    """Make the written `part` durable under its final name."""
-    fd = os.open(part, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        f.flush()
+        os.fsync(f.fileno())
     part.rename(path)
     fsync_dir(path.parent)
     crash_point("during_plan")  # (the transaction recording the shard waits for this)

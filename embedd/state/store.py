@@ -979,17 +979,21 @@ class Store:
     ) -> None:
         """Record a planned shard and move its requests from pending to planned. When
         `before_commit` is given, the transaction waits for it before committing (and
-        rolls back if it fails): the shard's file is made durable meanwhile."""
+        rolls back if it fails): the shard's file is written and made durable
+        meanwhile. (The store is held that long: a planner's shard is at most
+        `[batch] max_bytes`.)"""
         async with self.transaction() as tx:
             await tx.execute(
                 "INSERT INTO shards (id, state, path, lines, bytes, tokens, qtokens, created_at) "
                 "VALUES (?, 'planned', ?, ?, ?, ?, ?, ?)",
                 (shard, str(path), len(keys), nbytes, tokens, qtokens, now),
             )
-            await tx.executemany(
-                "UPDATE requests SET state = 'planned', shard = ? WHERE key = ? "
-                f"AND state IN {_TO_PLANNED}",
-                [(shard, k) for k in keys],
+            # One statement (the keys as one JSON array), not one a key: it runs without
+            # the GIL, side by side with the planner writing the shard's file.
+            await tx.execute(
+                "UPDATE requests SET state = 'planned', shard = ? "
+                f"WHERE key IN (SELECT value FROM json_each(?)) AND state IN {_TO_PLANNED}",
+                (shard, orjson.dumps(list(keys)).decode()),
             )
             # The shard's own membership: what its batch file holds, whatever becomes
             # of the requests later (a resumed collection still counts every line).
