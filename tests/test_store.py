@@ -28,7 +28,7 @@ from embedd.state.store import (
     NewRecord,
     NewRequest,
     Store,
-    piece_vectors,
+    piece_blocks,
     request_inputs,
 )
 
@@ -114,6 +114,15 @@ def peek(path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, 
         return db.execute(sql, params).fetchall()
     finally:
         db.close()
+
+
+def piece_vectors(path: Path, job: str) -> list[tuple[int, int, Any]]:
+    """(record index, tokens, row) of each piece of `job`, from `piece_blocks`."""
+    return [
+        piece
+        for idxs, tokens, block in piece_blocks(path, job)
+        for piece in zip(idxs, tokens, block, strict=True)
+    ]
 
 
 def request_row(s: Store, key: str) -> tuple[Any, ...] | None:

@@ -12,10 +12,10 @@ import pytest
 
 from embedd.pipeline.delivery import record_rows
 from embedd.state import store as store_module
-from embedd.state.store import NewRecord, NewRequest, Store, piece_blocks, piece_vectors
+from embedd.state.store import NewRecord, NewRequest, Store, piece_blocks
 from embedd.state.vectors import SegmentReader, SegmentWriter, segment_files
 from embedd.tokens import combine_chunks
-from tests.test_store import add_file
+from tests.test_store import add_file, piece_vectors
 
 NOW = 1_700_000_000.0
 DIMS = 4

@@ -915,7 +915,7 @@ class Store:
     async def file_pieces(self, job: str) -> list[aiosqlite.Row]:
         """Each piece: whether it has a vector (`embedded`), where from, its request's error.
 
-        The vectors themselves stay in the database: `piece_vectors` streams them.
+        The vectors themselves are in the segments: `piece_blocks` streams them.
         """
         return await self._all(
             "SELECT p.idx, p.chunk, p.key, p.tokens, v.key IS NOT NULL AS embedded, v.origin, "
@@ -1586,15 +1586,6 @@ async def _insert_vectors(tx: _Tx, located: _Located, origin: str, now: float) -
         "AND state IN ('pending', 'planned')",
         (packed,),
     )
-
-
-def piece_vectors(
-    db_path: Path, job: str, fetch: int = 512
-) -> Iterator[tuple[int, int, npt.NDArray[np.float32]]]:
-    """(record index, tokens, float32 row) of each piece of `job`, in record order
-    (`piece_blocks`, a row at a time)."""
-    for idxs, tokens, block in piece_blocks(db_path, job, fetch):
-        yield from zip(idxs, tokens, block, strict=True)
 
 
 def piece_blocks(
