@@ -90,3 +90,53 @@ def test_a_large_input_is_claimed_under_a_proportional_memory_bound(
         db.close()
     assert chunks == windows > 100, (chunks, windows)
     assert missing == 0, missing
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_three_files_are_claimed_at_once_but_only_two_big_texts(
+    tmp_path: Path,
+    start_emulator: Callable[..., EmulatorProcess],
+    start_daemon: Callable[..., DaemonProcess],
+) -> None:
+    """Three claims run side by side (one read, one stored, one tokenized), but at most
+    two of them are big one-record texts, whose token ids are held until stored: three
+    such claims at the largest size would pass the 512 MB bound. Counted from the log,
+    in order: a claim is open from `file.claimed` to `file.queued`."""
+    spool = tmp_path / "spool"  # start_daemon's first spool: the files wait there
+    for n in range(3):
+        drop(spool, f"a{n}.txt", prose(4 * MB + 200_000, 10 + n).encode())
+    for n in range(3):
+        body = prose(1 * MB, 20 + n)
+        lines = [
+            json.dumps({"id": f"r{i}", "text": body[start : start + 500]})
+            for i, start in enumerate(range(0, len(body), 500))
+        ]
+        drop(spool, f"b{n}.jsonl", ("\n".join(lines) + "\n").encode())
+    emulator = start_emulator(phase_time=3600.0)
+    daemon = start_daemon(emulator.url, batch={"flush_after": "1h"})
+    assert daemon.spool == spool
+
+    def all_queued() -> bool:
+        events = daemon.events()
+        failed = [e for e in events if e.get("event") == "file.failed"]
+        assert not failed, failed
+        return sum(e.get("event") == "file.queued" for e in events) == 6
+
+    wait_for(all_queued, 150, what="six files queued")
+    open_texts: set[str] = set()
+    open_claims: set[str] = set()
+    most_texts = most_claims = 0
+    for e in daemon.events():
+        name = str(e.get("file"))
+        if e.get("event") == "file.claimed":
+            open_claims.add(name)
+            if name.endswith(".txt"):
+                open_texts.add(name)
+        elif e.get("event") == "file.queued":
+            open_claims.discard(name)
+            open_texts.discard(name)
+        most_texts = max(most_texts, len(open_texts))
+        most_claims = max(most_claims, len(open_claims))
+    assert most_texts == 2
+    assert most_claims == 3

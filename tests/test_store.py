@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+import embedd.state.store as store_module
 from embedd.errors import FatalError
 from embedd.pipeline.outcome import RequestVerdict
 from embedd.state.states import (
@@ -418,6 +419,31 @@ async def test_shared_text_makes_one_request(store: Store) -> None:
     assert [p.key for p in pending] == ["k:hello", "k:world", "k:again"]
     assert (await store.counts())["requests"] == {"pending": 3}
     assert [p["key"] for p in await store.file_pieces("job2")] == ["k:world", "k:again"]
+
+
+@pytest.mark.parametrize("variables", [None, 7])
+async def test_a_file_bigger_than_one_statement_is_stored_whole_and_in_order(
+    store: Store, monkeypatch: pytest.MonkeyPatch, variables: int | None
+) -> None:
+    """A file's rows go to SQLite a few hundred a statement (`_Tx.with_rows`), within
+    the linked SQLite's limit on a statement's variables: every record, piece, text and
+    request of a file of many statements is stored, in the file's order, a repeated
+    text queued once (also when the limit allows a single row a statement)."""
+    if variables is not None:
+        monkeypatch.setattr(store_module, "MAX_VARIABLES", variables)
+    texts = [f"t{i % 900:03d}" for i in range(1234)]  # 334 repeats
+    await add_file(store, "job1", texts, lane="sync")
+    assert peek(store.path, "SELECT idx, rid, chunks FROM records ORDER BY idx") == [
+        (i, str(i), 1) for i in range(1234)
+    ]
+    assert peek(store.path, "SELECT idx, chunk, key FROM pieces ORDER BY idx") == [
+        (i, 0, f"k:{t}") for i, t in enumerate(texts)
+    ]
+    assert peek(store.path, "SELECT records, tokens FROM files") == [(1234, 4 * 1234)]
+    assert peek(store.path, "SELECT SUM(cached) FROM records") == [(334,)]
+    pending = await store.pending("sync", 2000)
+    assert [(p.key, p.input) for p in pending] == [(f"k:t{i:03d}", f"t{i:03d}") for i in range(900)]
+    assert (await store.counts())["requests"] == {"pending": 900}
 
 
 async def test_embedded_text_makes_no_request(store: Store) -> None:
