@@ -112,6 +112,14 @@ def test_malformed_line_names_line_and_json_error() -> None:
     assert err.records[0]["line"] == 3
 
 
+def test_a_bom_starting_a_later_line_is_named_as_such() -> None:
+    """A byte order mark is dropped from the file's start only: one that starts a
+    later line is that line's problem, named as json.loads names it."""
+    err = reject("a.jsonl", b'{"text": "a"}\n\xef\xbb\xbf{"text": "b"}\n')
+    assert err.records[0]["line"] == 2
+    assert "malformed JSON: Unexpected UTF-8 BOM" in err.records[0]["error"]
+
+
 @pytest.mark.parametrize(
     ("line", "needle"),
     [

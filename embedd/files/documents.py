@@ -80,9 +80,16 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
+# Strict JSON: no NaN/Infinity, no repeated keys. One decoder for every line (json.loads
+# with these arguments would build a new one each call).
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+
+
 def _loads(text: str) -> Any:
     """Strict json.loads: no NaN/Infinity, no repeated keys."""
-    return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+    if text.startswith("\ufeff"):  # as json.loads says it
+        raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+    return _DECODER.decode(text)
 
 
 def _decode(name: str, data: bytes) -> str:
@@ -389,7 +396,6 @@ def _iter_jsonl(name: str, f: IO[bytes]) -> Iterator[Record]:
     out.finish()
 
 
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
 _WHITESPACE = " \t\n\r"
 
 

@@ -1669,7 +1669,7 @@ async def _forget_texts(tx: _Tx, job: str) -> None:
 
 
 def request_inputs(
-    db_path: Path, keys: Sequence[str], fetch: int = 32
+    db_path: Path, keys: Sequence[str], fetch: int = 256
 ) -> Iterator[tuple[str, str | list[int]]]:
     """(key, input) of each of `keys` that has a request, in the order given, read
     `fetch` at a time on a read-only connection (a blocking generator for a worker
