@@ -254,8 +254,8 @@ def _block(vectors: Sequence[VectorLike] | npt.NDArray[np.float32]) -> npt.NDArr
 
 class SegmentReader:
     """Reads rows by (segment, row, dims): nothing is kept beyond the open file
-    descriptors, so memory stays flat however much is read. `rows` reads a run of
-    consecutive rows in one `pread`; `gather` reads rows in any order into one block."""
+    descriptors, so memory stays flat however much is read. `gather` reads rows in any
+    order into one block; `rows` and `row` are its shorthands for a run and one row."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -263,19 +263,7 @@ class SegmentReader:
 
     def rows(self, segment: int, first: int, count: int, dims: int) -> npt.NDArray[np.float32]:
         """Rows [first, first + count) of `segment` as a (count x dims) block."""
-        fd = self._fd(segment)
-        size = dims * 4
-        block = np.empty((count, dims), dtype="<f4")
-        view = block.data.cast("B")
-        offset, done = first * size, 0
-        while done < len(view):
-            n = os.preadv(fd, [view[done:]], offset + done)
-            if n <= 0:
-                raise OSError(
-                    f"segment {segment} is shorter than its index says (rows {first}+{count})"
-                )
-            done += n
-        return block
+        return self.gather([(segment, first + n) for n in range(count)], dims)
 
     def gather(self, places: Sequence[tuple[int, int]], dims: int) -> npt.NDArray[np.float32]:
         """The rows at `places`, (segment, row) pairs in any order, as one block in that
@@ -295,8 +283,7 @@ class SegmentReader:
         return fd
 
     def row(self, segment: int, row: int, dims: int) -> npt.NDArray[np.float32]:
-        block = self.rows(segment, row, 1, dims)
-        return block.reshape(dims)
+        return self.gather([(segment, row)], dims).reshape(dims)
 
     def close(self) -> None:
         for fd in self._fds.values():
